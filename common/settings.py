@@ -1,0 +1,89 @@
+"""One settings object for every service, read from the environment and `.env`.
+
+Names follow ARCHITECTURE §6 so an existing `.env` keeps working. Secrets are `SecretStr`
+so that printing or logging the settings never shows them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Redis
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Providers
+    stt_provider: Literal["auto", "local", "deepgram"] = "auto"
+    avatar_provider: Literal["auto", "local", "heygen", "liveavatar"] = "auto"
+
+    # Deepgram
+    deepgram_api_key: SecretStr | None = None
+    deepgram_url: str = "wss://api.deepgram.com/v1/listen"
+
+    # HeyGen / LiveAvatar
+    heygen_api_key: SecretStr | None = None
+    heygen_server_url: str = "https://api.heygen.com"
+    heygen_avatar_id: str = ""
+    heygen_voice_id: str = ""
+    heygen_knowledge_base_id: str = ""
+    liveavatar_api_key: SecretStr | None = None
+    liveavatar_server_url: str = "https://api.liveavatar.com"
+
+    # Local engines
+    local_stt_model: str = Field(default="", description="CTranslate2 Whisper folder; empty = bundled tiny.en")
+    local_stt_threads: int = 2
+    local_tts_voice: str = Field(default="", description="piper .onnx voice; empty = bundled en_US-joe-medium")
+    knowledge_file: str = Field(default="", description="Q&A file for the local responder; empty = bundled")
+
+    # Gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    gateway_api_key: SecretStr | None = None
+    gateway_public_url: str = ""
+
+    # Sessions
+    session_grace_s: float = 15.0
+    session_idle_timeout_s: float = 300.0
+    session_max_s: float = 3600.0
+    ended_session_ttl_s: int = 120
+
+    # Workers
+    stt_capacity: int = 2
+    avatar_capacity: int = 8
+    job_lease_ms: int = 5000
+    heartbeat_ms: int = 1000
+
+    # Bounds
+    audio_stream_maxlen: int = 1500  # ~30 s of 20 ms frames
+    events_stream_maxlen: int = 2000
+    turns_stream_maxlen: int = 200
+    max_frame_bytes: int = 32 * 1024
+    max_text_chars: int = 2000
+
+    log_level: str = "INFO"
+
+    def resolved_stt_provider(self) -> str:
+        if self.stt_provider != "auto":
+            return self.stt_provider
+        return "deepgram" if self.deepgram_api_key else "local"
+
+    def resolved_avatar_provider(self) -> str:
+        if self.avatar_provider != "auto":
+            return self.avatar_provider
+        if self.heygen_api_key:
+            return "heygen"
+        if self.liveavatar_api_key:
+            return "liveavatar"
+        return "local"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

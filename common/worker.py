@@ -1,0 +1,163 @@
+"""The claim loop both workers run: take sessions while there is room, serve each in a task.
+
+Compact on purpose (in the spirit of arq's worker): one loop that claims, one heartbeat that
+keeps the leases and notices lost ones, and a per-session task running the service's `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from common.jobs import Job, JobStream
+from common.models import ErrorEvent
+from common.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+Serve = Callable[[Job], Awaitable[None]]
+
+
+def consumer_name(kind: str) -> str:
+    return f"{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class ClaimLoop:
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        store: SessionStore,
+        *,
+        stream: str,
+        group: str,
+        kind: str,
+        owner_field: str,
+        capacity: int,
+        lease_ms: int,
+        heartbeat_ms: int,
+        serve: Serve,
+    ) -> None:
+        self.store = store
+        self.kind = kind
+        self.owner_field = owner_field
+        self.capacity = capacity
+        self.heartbeat_s = heartbeat_ms / 1000
+        self.consumer = consumer_name(kind)
+        self.jobs = JobStream(r, stream, group, self.consumer, lease_ms)
+        self.serve = serve
+        self.active: dict[str, tuple[Job, asyncio.Task[None]]] = {}
+        self._lost: set[str] = set()
+        self._handing_back = False
+        self._slot_freed = asyncio.Event()
+
+    @property
+    def load(self) -> int:
+        return len(self.active)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.jobs.ensure_group()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
+        log.info("%s worker %s ready, capacity %d", self.kind, self.consumer, self.capacity)
+        try:
+            while not stop.is_set():
+                room = self.capacity - len(self.active)
+                if room <= 0:
+                    self._slot_freed.clear()
+                    await _wait_any(self._slot_freed, stop, wait_s=1.0)
+                    continue
+                try:
+                    jobs = await self.jobs.claim(room, block_ms=1000)
+                except (RedisError, OSError) as exc:
+                    log.warning("claiming failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)
+                    continue
+                for job in jobs:
+                    await self._start(job)
+        finally:
+            heartbeat.cancel()
+            await self._shutdown()
+
+    async def _start(self, job: Job) -> None:
+        if await self.store.is_ended(job.session_id):
+            await self.jobs.done(job)
+            return
+        await self.store.set_fields(job.session_id, **{self.owner_field: self.consumer})
+        log.info(
+            "%s session %s %s", "took over" if job.taken_over else "claimed", job.session_id, self.kind
+        )
+        task = asyncio.create_task(self._run_session(job), name=f"{self.kind}:{job.session_id}")
+        self.active[job.entry_id] = (job, task)
+
+    async def _run_session(self, job: Job) -> None:
+        try:
+            await self.serve(job)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s session %s failed", self.kind, job.session_id)
+            try:
+                await self.store.bus.publish_event(
+                    job.session_id,
+                    ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
+                )
+                await self.store.end(job.session_id, f"{self.kind}_failed")
+            except RedisError:
+                log.exception("could not end failed session %s", job.session_id)
+        finally:
+            self.active.pop(job.entry_id, None)
+            self._slot_freed.set()
+            if job.entry_id in self._lost:
+                self._lost.discard(job.entry_id)
+            elif self._handing_back:
+                await _quietly(self.jobs.hand_back(job))
+            else:
+                await _quietly(self.jobs.done(job))
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.heartbeat_s)
+            jobs = [job for job, _ in self.active.values()]
+            try:
+                lost = await self.jobs.heartbeat(jobs)
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            for entry_id in lost:
+                if entry_id in self.active:
+                    job, task = self.active[entry_id]
+                    log.warning("lost session %s to another worker; stopping here", job.session_id)
+                    self._lost.add(entry_id)
+                    task.cancel()
+
+    async def _shutdown(self) -> None:
+        """Hand every live session back so another worker resumes it without waiting a lease."""
+        self._handing_back = True
+        tasks = [task for _, task in self.active.values()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            log.info("handed back %d session(s)", len(tasks))
+
+
+async def _wait_any(a: asyncio.Event, b: asyncio.Event, wait_s: float) -> None:
+    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+async def _quietly(coro: Awaitable[None]) -> None:
+    try:
+        await coro
+    except (RedisError, OSError) as exc:
+        log.warning("job bookkeeping failed: %s", exc)

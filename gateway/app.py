@@ -1,0 +1,56 @@
+"""The gateway's FastAPI app: session REST API, the browser WebSocket, health, metrics, the page."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from common.bus import Bus, connect
+from common.sessions import SessionStore
+from common.settings import Settings, get_settings
+from gateway import browser_ws, sessions_api
+
+FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        r = connect(settings)
+        bus = Bus(r, settings)
+        app.state.settings = settings
+        app.state.redis = r
+        app.state.bus = bus
+        app.state.store = SessionStore(r, bus)
+        try:
+            yield
+        finally:
+            await r.aclose()
+
+    app = FastAPI(title="avatar-stack gateway", version="0.1.0", lifespan=lifespan)
+    app.include_router(sessions_api.router)
+    app.include_router(browser_ws.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        try:
+            await app.state.redis.ping()
+        except (RedisError, OSError):
+            return JSONResponse({"status": "degraded", "redis": False}, status_code=503)
+        return JSONResponse({"status": "ok", "redis": True})
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    if FRONTEND_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    return app

