@@ -21,7 +21,7 @@ def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
 
     async def runner(r: aioredis.Redis, stop: asyncio.Event) -> None:
-        driver = make_driver(settings, Bus(r, settings))
+        driver = await asyncio.to_thread(make_driver, settings, Bus(r, settings))
         responder = LocalResponder(Path(settings.knowledge_file or DEFAULT_KNOWLEDGE))
         await AvatarWorker(r, settings, driver, responder).run(stop)
 

@@ -203,16 +203,18 @@ class BrowserConnection:
     async def _downlink(self, after: str) -> None:
         r = self.store.r
         stream = keys.events(self.sid)
-        if after == "0" and await self.store.is_ended(self.sid):
-            await self._send_text(dump(SessionEnded(reason="ended")))
-            await self._close(1000, "session ended")
-            return
         while True:
-            reply = await r.xread({stream: after}, count=64, block=5000)
+            reply = await r.xread({stream: after}, count=64, block=5000 if after != "0" else 1)
             if not reply:
-                if await self.store.is_ended(self.sid):
+                record = await self.store.get(self.sid)
+                if record is None or record.get(keys.F_STATE) == "ended":
+                    # Its session.ended event is gone (trimmed or expired): say it anyway.
+                    reason = (record or {}).get(keys.F_ENDED_REASON, "ended")
+                    await self._send_text(dump(SessionEnded(reason=reason)))
                     await self._close(1000, "session ended")
                     return
+                if after == "0":
+                    after = "0-0"
                 continue
             for entry_id, fields in reply[0][1]:
                 after = entry_id.decode()

@@ -33,7 +33,10 @@ class LocalAvatarDriver:
     def __init__(self, settings: Settings, bus: Bus, tts: PiperTts | None = None) -> None:
         self.settings = settings
         self.bus = bus
-        self.tts = tts or PiperTts(settings)
+        if tts is None:  # loading blocks for ~1 s: construct the driver off the event loop
+            tts = PiperTts(settings=settings)
+            tts.warm_up()
+        self.tts = tts
 
     async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> LocalAvatarSession:
         return LocalAvatarSession(self, session_id)
