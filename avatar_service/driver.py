@@ -16,10 +16,10 @@ class AvatarSession(Protocol):
         """Start the avatar and publish `session.ready` (LiveKit url/token for cloud avatars)."""
 
     async def speak(self, reply_id: str, text: str) -> None:
-        """Speak `text`; returns when the avatar has finished saying it. Cancel = stop now."""
+        """Speak `text`; returns when the avatar has finished saying it, or soon after `interrupt()`."""
 
     async def interrupt(self) -> None:
-        """Stop the avatar's current speech at once (barge-in)."""
+        """Stop the avatar's current speech at once (barge-in); the running `speak` returns."""
 
     async def on_vendor_event(self, event: str, data: dict) -> None:
         """An event the page relayed from the vendor's data channel."""

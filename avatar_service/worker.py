@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 1000
 MAX_PENDING_TURNS = 8
+INTERRUPT_TIMEOUT_S = 3.0
 
 
 class AvatarWorker:
@@ -127,11 +128,16 @@ class _Conversation:
     async def _interrupt(self) -> None:
         """Barge-in: drop the rest of the current reply at once."""
         task = self.speaking
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        await self.avatar.interrupt()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), INTERRUPT_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("avatar did not stop within %.1f s; cancelling", INTERRUPT_TIMEOUT_S, extra={"sid": self.sid})
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await self.avatar.interrupt()
+        except Exception:
+            log.exception("avatar speech failed", extra={"sid": self.sid})
 
     async def _speaker(self) -> None:
         answered = keys.answered(self.sid)
@@ -151,10 +157,12 @@ class _Conversation:
                 await self.w.bus.publish_event(self.sid, reply)
                 self.speaking = asyncio.create_task(self.avatar.speak(reply_id, text))
                 try:
-                    await asyncio.wait({self.speaking})  # a barge-in cancels the reply, not us
+                    await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
                 except asyncio.CancelledError:
                     self.speaking.cancel()
                     raise
+                if not self.speaking.cancelled() and self.speaking.exception() is not None:
+                    log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
             finally:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()

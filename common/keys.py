@@ -41,6 +41,11 @@ def all_session_keys(sid: str) -> list[str]:
     return [session(sid), audio(sid), turns(sid), events(sid), answered(sid)]
 
 
+def workers(kind: str) -> str:
+    """Hash: consumer name → JSON {capacity, load, ts}, refreshed by each worker's heartbeat."""
+    return f"workers:{kind}"
+
+
 SESSIONS_INDEX = "sessions:live"
 """Sorted set of live session ids scored by creation time (for listing and reaping)."""
 

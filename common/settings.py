@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     # Deepgram
     deepgram_api_key: SecretStr | None = None
     deepgram_url: str = "wss://api.deepgram.com/v1/listen"
+    deepgram_model: str = "nova-3"
+    deepgram_endpointing_ms: int = Field(default=300, ge=10)
+    deepgram_utterance_end_ms: int = Field(default=1000, ge=1000)
+    deepgram_keyterms: str = Field(default="", description="comma-separated key terms (Nova-3)")
 
     # HeyGen / LiveAvatar
     heygen_api_key: SecretStr | None = None

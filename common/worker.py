@@ -7,15 +7,19 @@ keeps the leases and notices lost ones, and a per-session task running the servi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common import keys
 from common.jobs import Job, JobStream
 from common.models import ErrorEvent
 from common.sessions import SessionStore
@@ -23,6 +27,7 @@ from common.sessions import SessionStore
 log = logging.getLogger(__name__)
 
 Serve = Callable[[Job], Awaitable[None]]
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def consumer_name(kind: str) -> str:
@@ -120,30 +125,37 @@ class ClaimLoop:
             else:
                 await _quietly(self.jobs.done(job))
 
+    async def advertise(self) -> None:
+        """Tell the world (gateway admission, ops, tests) this worker's capacity and load."""
+        entry = orjson.dumps({"capacity": self.capacity, "load": self.load, "ts": time.time()})
+        await self.jobs.r.hset(keys.workers(self.kind), self.consumer, entry)
+
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.sleep(self.heartbeat_s)
             jobs = [job for job, _ in self.active.values()]
             try:
+                await self.advertise()
                 lost = await self.jobs.heartbeat(jobs)
             except (RedisError, OSError) as exc:
                 log.warning("heartbeat failed: %s", exc)
-                continue
-            for entry_id in lost:
-                if entry_id in self.active:
-                    job, task = self.active[entry_id]
-                    log.warning("lost session %s to another worker; stopping here", job.session_id)
-                    self._lost.add(entry_id)
-                    task.cancel()
+                lost = set()
+            for entry_id in lost & self.active.keys():
+                job, task = self.active[entry_id]
+                log.warning("lost session %s to another worker; stopping here", job.session_id)
+                self._lost.add(entry_id)
+                task.cancel()
+            await asyncio.sleep(self.heartbeat_s)
 
     async def _shutdown(self) -> None:
         """Hand every live session back so another worker resumes it without waiting a lease."""
         self._handing_back = True
+        with contextlib.suppress(RedisError, OSError):
+            await self.jobs.r.hdel(keys.workers(self.kind), self.consumer)
         tasks = [task for _, task in self.active.values()]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
             log.info("handed back %d session(s)", len(tasks))
 
 

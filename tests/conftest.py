@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 import redis
 
 from avatar_stack.up import free_port, redis_answers, redis_binary
+from common import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "artifacts" / "logs"
@@ -61,12 +63,14 @@ class Stack:
     base_url: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     counter: int = 0
+    logs: dict[str, Path] = field(default_factory=dict)
 
     def start(self, service: str, **env: str) -> str:
         self.counter += 1
         name = f"{service}-{self.counter}"
+        self.logs[name] = LOG_DIR / f"{name}-{self.base_url.rsplit(':', 1)[-1]}.log"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        log = open(LOG_DIR / f"{name}.log", "ab")
+        log = open(self.logs[name], "ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "avatar_stack.cli", service],
             env={**self.env, **env},
@@ -93,27 +97,23 @@ class Stack:
     def assert_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None and proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
-                log = (LOG_DIR / f"{name}.log").read_text()[-3000:]
+                log = self.logs[name].read_text()[-3000:]
                 raise AssertionError(f"{name} exited with {proc.returncode}:\n{log}")
 
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis_url)
 
-    def wait_consumers(self, group: str, count: int, timeout_s: float = 120) -> None:
-        """Workers join their consumer group on their first claim: that means ready."""
+    def wait_workers(self, kind: str, count: int, timeout_s: float = 180) -> None:
+        """Workers advertise themselves in `workers:{kind}` once they are claiming: that means ready."""
         r = self.redis()
-        stream = f"jobs:{group}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                active = [c for c in r.xinfo_consumers(stream, group) if c["idle"] < 3000]
-                if len(active) >= count:
-                    return
-            except redis.ResponseError:
-                pass
+            fresh = [w for w in r.hvals(keys.workers(kind)) if time.time() - orjson.loads(w)["ts"] < 3]
+            if len(fresh) >= count:
+                return
             self.assert_alive()
             time.sleep(0.1)
-        raise AssertionError(f"{count} {group} worker(s) not ready")
+        raise AssertionError(f"{count} {kind} worker(s) not ready")
 
 
 def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
@@ -149,8 +149,8 @@ def start_stack(redis_url: str, **extra: str) -> Stack:
             pass
         assert time.monotonic() < deadline, "gateway did not start"
         time.sleep(0.1)
-    stack.wait_consumers("stt", 1)
-    stack.wait_consumers("avatar", 1)
+    stack.wait_workers("stt", 1)
+    stack.wait_workers("avatar", 1)
     return stack
 
 

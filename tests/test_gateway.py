@@ -13,7 +13,7 @@ from common import keys
 from common.bus import dump
 from common.models import AvatarReply, turn_adapter
 from tests.client import Browser, create_session
-from tests.conftest import LOG_DIR, Stack, stack_env
+from tests.conftest import Stack, stack_env
 
 
 def start_gateway(redis_url: str, **extra: str) -> Stack:
@@ -223,6 +223,6 @@ async def test_token_never_reaches_the_logs(gateway: Stack):
     await browser.send_json({"type": "end"})
     await browser.wait_closed()
     [name] = [n for n in gateway.procs if n.startswith("gateway")]
-    text = (LOG_DIR / f"{name}.log").read_text()
+    text = gateway.logs[name].read_text()
     assert session.session_id in text  # the socket was logged...
     assert session.token not in text  # ...but never its token

@@ -10,7 +10,9 @@ playback is, so it knows whether the avatar is still talking (for barge-in and f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from avatar_service.tts import PiperTts
 from common.bus import Bus
@@ -50,6 +52,7 @@ class LocalAvatarSession:
         self.driver = driver
         self.bus = driver.bus
         self.sid = sid
+        self._interrupted: asyncio.Event | None = None
 
     async def start(self) -> None:
         await self.bus.publish_event(
@@ -62,11 +65,21 @@ class LocalAvatarSession:
         )
 
     async def speak(self, reply_id: str, text: str) -> None:
+        """Publish the reply chunk by chunk; return when the page has played it or on interrupt.
+
+        Interruption is cooperative (`interrupt()` sets a flag this loop watches) rather than
+        task cancellation, so a barge-in never lands in the middle of a Redis call.
+        """
         rate = self.driver.tts.sample_rate
+        self._interrupted = interrupted = asyncio.Event()
         playback_ends = 0.0
         seq = 0
+        chunks = self.driver.tts.stream(text)
         try:
-            async for pcm in self.driver.tts.stream(text):
+            while not interrupted.is_set():
+                pcm = await _next_or_interrupt(chunks, interrupted)
+                if pcm is None:
+                    break
                 if seq == 0:
                     await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
                 event = AvatarAudio(
@@ -77,22 +90,39 @@ class LocalAvatarSession:
                 # The page plays chunks back to back; a late chunk starts when it arrives.
                 playback_ends = max(playback_ends, time.monotonic()) + duration_s(pcm, rate)
                 seq += 1
-            await asyncio.sleep(max(0.0, playback_ends - time.monotonic()))
-        except asyncio.CancelledError:
-            if seq:
-                await self.bus.publish_event(
-                    self.sid, AvatarStoppedTalking(reply_id=reply_id, interrupted=True)
-                )
-            raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(interrupted.wait(), max(0.0, playback_ends - time.monotonic()))
+        finally:
+            await chunks.aclose()
         if seq:
-            await self.bus.publish_event(self.sid, AvatarStoppedTalking(reply_id=reply_id))
+            stopped = AvatarStoppedTalking(reply_id=reply_id, interrupted=interrupted.is_set())
+            await self.bus.publish_event(self.sid, stopped)
 
     async def interrupt(self) -> None:
-        # The cancelled `speak` already told the page to stop; nothing runs remotely.
-        return None
+        if self._interrupted is not None:
+            self._interrupted.set()
 
     async def on_vendor_event(self, event: str, data: dict) -> None:
         return None
 
     async def stop(self, reason: str) -> None:
+        return None
+
+
+async def _next_or_interrupt(chunks: AsyncIterator[bytes], interrupted: asyncio.Event) -> bytes | None:
+    """The next chunk, or None when the speech is over or was interrupted (whichever is first)."""
+    nxt = asyncio.ensure_future(anext(chunks))
+    stop = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if not nxt.done():
+        nxt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await nxt
+        return None
+    try:
+        return nxt.result()
+    except StopAsyncIteration:
         return None

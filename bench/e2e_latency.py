@@ -1,0 +1,127 @@
+"""End of the user's speech → first avatar audio chunk leaving the gateway, with local providers.
+
+Starts its own Redis, gateway, STT worker and avatar worker (real processes), streams spoken
+questions at real-time pace through the real WebSocket, and times, per utterance, from the moment
+the last speech frame was sent to the arrival of the first `avatar.audio` frame. Also reports the
+hops in between and each process's resident memory.
+
+    .venv/bin/python -m bench.e2e_latency [--n 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+from avatar_stack.up import free_port, redis_binary, start_redis
+from tests.client import Browser, create_session
+from tests.speech import speech_pcm
+
+QUESTIONS = [
+    "What is avatar stack?",
+    "How do I scale it?",
+    "Which speech engines does it use?",
+    "Hello there, how are you?",
+    "Can it run without any keys?",
+    "What is the capital of France?",
+    "Tell me about the avatar providers.",
+    "Who made this project?",
+    "Does it work offline?",
+    "Thank you very much.",
+]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def measure(base_url: str, n: int) -> dict[str, list[float]]:
+    hops: dict[str, list[float]] = {"speech_end_to_final": [], "final_to_reply": [], "speech_end_to_first_audio": []}
+    browser = Browser(await create_session(base_url))
+    await browser.connect()
+    await browser.wait_type("session.ready", 120)
+    for i in range(n):
+        text = QUESTIONS[i % len(QUESTIONS)]
+        seen = len(browser.events)
+        speech_end = await browser.stream(speech_pcm(text, pad_s=0.3), trailing_silence_s=0.0)
+        # Keep the microphone open (silence) while waiting, as a page would.
+        silence = asyncio.create_task(browser.stream(b"", trailing_silence_s=30.0))
+        try:
+            final = await browser.wait_for(lambda e, s=seen: e in browser.events[s:] and e["type"] == "transcript.final")
+            audio = await browser.wait_for(lambda e, s=seen: e in browser.events[s:] and e["type"] == "avatar.audio")
+            reply = next(e for e in browser.events[seen:] if e["type"] == "avatar.reply")
+            await browser.wait_for(
+                lambda e, s=seen: e in browser.events[s:] and e["type"] == "avatar.stopped_talking", 60
+            )
+        finally:
+            silence.cancel()
+            await asyncio.gather(silence, return_exceptions=True)
+        hops["speech_end_to_final"].append(final["_rx"] - speech_end)
+        hops["final_to_reply"].append(reply["_rx"] - final["_rx"])
+        hops["speech_end_to_first_audio"].append(audio["_rx"] - speech_end)
+        print(f"  {i + 1:2d}/{n} {text!r}: heard {final['text']!r}, first audio after "
+              f"{audio['_rx'] - speech_end:.3f} s", file=sys.stderr)
+    await browser.close()
+    return hops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=10)
+    args = parser.parse_args()
+    port, redis_port = free_port(), free_port()
+    redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
+           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": "WARNING"}
+    procs = {
+        name: subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env)
+        for name in ("gateway", "stt-worker", "avatar-worker")
+    }
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("gateway did not start")
+            time.sleep(0.1)
+        hops = asyncio.run(measure(base_url, args.n))
+        memory = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
+        memory["redis"] = round(rss_mb(redis_proc.pid), 1)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(15)
+        redis_proc.terminate()
+    print(f"\n{'hop':28s} {'median':>8s} {'p95':>8s}  (seconds, n={args.n})")
+    for name, values in hops.items():
+        print(f"{name:28s} {statistics.median(values):8.3f} {pct(values, 0.95):8.3f}")
+    print("\nresident memory (MB): " + ", ".join(f"{k} {v}" for k, v in memory.items()))
+    print(json.dumps({"hops": {k: {"median": statistics.median(v), "p95": pct(v, 0.95)} for k, v in hops.items()},
+                      "rss_mb": memory}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+// Local avatar speech: PCM16 chunks scheduled back to back on a Web Audio clock, plus the mouth
+// envelope that travels with each chunk, looked up at the time the listener actually hears it.
+
+const LEAD_S = 0.06; // headroom before the first chunk of a burst, absorbs network jitter
+const MAX_QUEUE_S = 180; // safety bound on audio scheduled ahead (a reply arrives faster than it plays)
+
+export class SpeechPlayer {
+  constructor() {
+    this.ctx = null;
+    this.analyser = null;
+    this.levelBuf = null;
+    this.nextStartTime = 0;
+    /** @type {{src: AudioBufferSourceNode, replyId: string, start: number, end: number, mouth: number[], hopS: number}[]} */
+    this.scheduled = [];
+    this.discarded = new Set(); // reply ids cut off by barge-in or interrupt: drop their chunks
+    this.stats = { chunksReceived: 0, chunksPlayed: 0, chunksDropped: 0 };
+    this.firstHeard = new Map(); // reply_id → performance.now() when its first chunk is heard
+    this.onReplyHeard = null; // (replyId, heardAtMs) => void
+  }
+
+  /** Create/resume the output context; call from a user gesture. */
+  prepare() {
+    if (!this.ctx) {
+      this.ctx = new AudioContext({ latencyHint: "interactive" });
+      this.gain = this.ctx.createGain();
+      this.analyser = this.ctx.createAnalyser();
+      this.analyser.fftSize = 1024;
+      this.levelBuf = new Float32Array(this.analyser.fftSize);
+      this.gain.connect(this.analyser);
+      this.analyser.connect(this.ctx.destination);
+    }
+    if (this.ctx.state !== "running") this.ctx.resume().catch(() => {});
+  }
+
+  /** Queue one chunk. `pcm` is PCM16 LE mono at `meta.sample_rate`. */
+  enqueue(meta, pcm) {
+    this.stats.chunksReceived++;
+    if (this.discarded.has(meta.reply_id) || !pcm || pcm.byteLength < 2) {
+      this.stats.chunksDropped++;
+      return;
+    }
+    this.prepare();
+    const ctx = this.ctx;
+    const samples = new Int16Array(pcm, 0, pcm.byteLength >> 1);
+    const rate = meta.sample_rate || 16000;
+    const buffer = ctx.createBuffer(1, samples.length, rate);
+    const data = buffer.getChannelData(0);
+    for (let i = 0; i < samples.length; i++) data[i] = samples[i] / 32768;
+
+    const now = ctx.currentTime;
+    if (this.nextStartTime < now + 0.005) this.nextStartTime = now + LEAD_S; // gap or first chunk
+    if (this.nextStartTime - now > MAX_QUEUE_S) {
+      this.stats.chunksDropped++;
+      return;
+    }
+    const start = this.nextStartTime;
+    const src = ctx.createBufferSource();
+    src.buffer = buffer;
+    src.connect(this.gain);
+    src.start(start);
+    this.nextStartTime = start + buffer.duration;
+
+    const item = {
+      src,
+      replyId: meta.reply_id,
+      start,
+      end: this.nextStartTime,
+      mouth: Array.isArray(meta.mouth) ? meta.mouth : [],
+      hopS: (meta.mouth_hop_ms || 20) / 1000,
+      stopped: false,
+    };
+    this.scheduled.push(item);
+    src.onended = () => {
+      if (!item.stopped) this.stats.chunksPlayed++;
+      const i = this.scheduled.indexOf(item);
+      if (i >= 0) this.scheduled.splice(i, 1);
+    };
+    if (!this.firstHeard.has(meta.reply_id)) {
+      const heardAt = this.contextToPerf(start);
+      this.firstHeard.set(meta.reply_id, heardAt);
+      if (this.firstHeard.size > 64) this.firstHeard.delete(this.firstHeard.keys().next().value);
+      if (this.onReplyHeard) this.onReplyHeard(meta.reply_id, heardAt);
+    }
+  }
+
+  /** performance.now() timestamp at which audio scheduled at context time `t` reaches the ear. */
+  contextToPerf(t) {
+    const ctx = this.ctx;
+    const stamp = ctx.getOutputTimestamp ? ctx.getOutputTimestamp() : null;
+    if (stamp && stamp.performanceTime > 0) return stamp.performanceTime + (t - stamp.contextTime) * 1000;
+    return performance.now() + (t - ctx.currentTime + (ctx.outputLatency || ctx.baseLatency || 0)) * 1000;
+  }
+
+  /** Context time of what the listener hears right now. */
+  hearingTime() {
+    const ctx = this.ctx;
+    const stamp = ctx.getOutputTimestamp ? ctx.getOutputTimestamp() : null;
+    if (stamp && stamp.performanceTime > 0) {
+      return stamp.contextTime + (performance.now() - stamp.performanceTime) / 1000;
+    }
+    return ctx.currentTime - (ctx.outputLatency || 0);
+  }
+
+  /** Stop at once. With a reply id: that reply only (and drop its late chunks); else everything. */
+  stop(replyId = null) {
+    const victims = replyId == null ? this.scheduled.slice() : this.scheduled.filter((s) => s.replyId === replyId);
+    if (replyId != null) this.discarded.add(replyId);
+    else for (const s of victims) this.discarded.add(s.replyId);
+    for (const s of victims) {
+      s.stopped = true;
+      try {
+        s.src.stop();
+      } catch {
+        /* not started yet on some engines: disconnect below still silences it */
+      }
+      s.src.disconnect();
+      const i = this.scheduled.indexOf(s);
+      if (i >= 0) this.scheduled.splice(i, 1);
+    }
+    if (this.ctx && this.scheduled.length === 0) this.nextStartTime = this.ctx.currentTime;
+    if (this.discarded.size > 256) this.discarded = new Set([...this.discarded].slice(-128));
+  }
+
+  get playing() {
+    if (!this.ctx || this.scheduled.length === 0) return false;
+    const t = this.hearingTime();
+    return this.scheduled.some((s) => s.end > t && s.start <= t + 0.05);
+  }
+
+  /** Mouth openness 0..1 for what is heard now, from the chunk's envelope. */
+  mouthNow() {
+    if (!this.ctx) return 0;
+    const t = this.hearingTime();
+    for (const s of this.scheduled) {
+      if (t >= s.start && t < s.end) {
+        if (s.mouth.length === 0) return Math.min(1, this.level() * 4);
+        const i = Math.min(s.mouth.length - 1, Math.floor((t - s.start) / s.hopS));
+        return Math.max(0, Math.min(1, s.mouth[i] || 0));
+      }
+    }
+    return 0;
+  }
+
+  /** RMS of the output right now, measured by the analyser (proves audio actually plays). */
+  level() {
+    if (!this.analyser) return 0;
+    this.analyser.getFloatTimeDomainData(this.levelBuf);
+    let sum = 0;
+    for (let i = 0; i < this.levelBuf.length; i++) sum += this.levelBuf[i] * this.levelBuf[i];
+    return Math.sqrt(sum / this.levelBuf.length);
+  }
+}
