@@ -64,12 +64,10 @@ async def measure(base_url: str, n: int) -> dict[str, list[float]]:
         # Keep the microphone open (silence) while waiting, as a page would.
         silence = asyncio.create_task(browser.stream(b"", trailing_silence_s=30.0))
         try:
-            final = await browser.wait_for(lambda e, s=seen: e in browser.events[s:] and e["type"] == "transcript.final")
-            audio = await browser.wait_for(lambda e, s=seen: e in browser.events[s:] and e["type"] == "avatar.audio")
+            final = await browser.wait_for(_new(browser, seen, "transcript.final"))
+            audio = await browser.wait_for(_new(browser, seen, "avatar.audio"))
             reply = next(e for e in browser.events[seen:] if e["type"] == "avatar.reply")
-            await browser.wait_for(
-                lambda e, s=seen: e in browser.events[s:] and e["type"] == "avatar.stopped_talking", 60
-            )
+            await browser.wait_for(_new(browser, seen, "avatar.stopped_talking"), 60)
         finally:
             silence.cancel()
             await asyncio.gather(silence, return_exceptions=True)
@@ -80,6 +78,12 @@ async def measure(base_url: str, n: int) -> dict[str, list[float]]:
               f"{audio['_rx'] - speech_end:.3f} s", file=sys.stderr)
     await browser.close()
     return hops
+
+
+def _new(browser: Browser, seen: int, kind: str):
+    """Matches an event of `kind` that arrived after the first `seen` events."""
+    fresh = {id(e) for e in browser.events[:seen]}
+    return lambda e: e["type"] == kind and id(e) not in fresh
 
 
 def main() -> None:

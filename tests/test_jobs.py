@@ -147,5 +147,5 @@ async def test_end_is_idempotent_and_wakes_the_workers(r):
 
 async def _until(predicate, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polling another task's state
             await asyncio.sleep(0.02)
