@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     # Workers
     stt_capacity: int = 2
     avatar_capacity: int = 8
+    admission_control: bool = True  # 503 on POST /v1/sessions when a worker pool is full
+    worker_stale_s: float = 5.0  # a worker silent this long no longer counts
     job_lease_ms: int = 5000
     heartbeat_ms: int = 1000
 

@@ -1,6 +1,6 @@
 // Avatar Stack page: creates a session, streams the microphone, shows the live transcript and
 // the avatar's replies, plays the local avatar (face + voice) or joins a cloud avatar's LiveKit
-// room, and survives dropped connections. No framework; see ../docs for the protocol.
+// room, and survives dropped connections. No framework. Message shapes: common/models.py.
 //
 // Test-observable state: <body data-state data-avatar-speaking data-provider data-session-id
 // data-muted data-audio-level>, #transcript li[data-final] / li.avatar[data-reply-id], and
@@ -74,7 +74,7 @@ const app = {
   muted: false,
   ending: false,
   attempt: 0, // counts session starts and finishes, so late async work can tell it is stale
-  cloudSpeaking: false,
+  cloudSpeaking: false, // the server or vendor says the avatar talks (cloud avatars: no local audio)
   speaking: false,
   micLevel: 0,
   lastVoiceAt: 0, // performance.now() of the last mic frame with speech in it
@@ -84,7 +84,7 @@ const app = {
   lastFinalAt: 0, // performance.now() of the last transcript.final
   replyAt: new Map(), // reply_id → performance.now() its text arrived
   lastHeardAt: 0,
-  timings: [], // per reply: {reply_id, source, latency_ms}
+  timings: [], // per reply: {reply_id, source, latency_ms, final_ms, reply_ms, audio_ms}
   lastPlaybackLevel: 0,
   maxPlaybackLevel: 0,
   livekit: null, // {url, token, state, error}

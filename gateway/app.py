@@ -15,6 +15,7 @@ from common.bus import Bus, connect
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
 from gateway import browser_ws, sessions_api
+from gateway.admission import all_pools
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
@@ -46,6 +47,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except (RedisError, OSError):
             return JSONResponse({"status": "degraded", "redis": False}, status_code=503)
         return JSONResponse({"status": "ok", "redis": True})
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        """Ready when Redis answers and every worker pool has room for another session."""
+        try:
+            pools = await all_pools(app.state.redis, settings.worker_stale_s)
+        except (RedisError, OSError):
+            return JSONResponse({"ready": False, "redis": False}, status_code=503)
+        ready = all(p.room > 0 for p in pools)
+        body = {"ready": ready, "redis": True, "pools": {p.kind: p.as_dict() for p in pools}}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:

@@ -11,10 +11,12 @@ from prometheus_client import Counter
 from common import keys
 from common.jobs import JobStream
 from common.models import SessionConfig, SessionCreated, SessionInfo
+from gateway.admission import all_pools
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SESSIONS_CREATED = Counter("gateway_sessions_created_total", "Sessions created")
+SESSIONS_REFUSED = Counter("gateway_sessions_refused_total", "Sessions refused for lack of capacity", ["pool"])
 
 
 def _bearer(authorization: str | None, x_api_key: str | None) -> str:
@@ -63,6 +65,17 @@ async def create_session(
     x_api_key: str | None = Header(default=None),
 ) -> SessionCreated:
     _require_api_key(request, _bearer(authorization, x_api_key))
+    settings = request.app.state.settings
+    if settings.admission_control:
+        for pool in await all_pools(request.app.state.redis, settings.worker_stale_s):
+            if pool.room <= 0:
+                SESSIONS_REFUSED.labels(pool.kind).inc()
+                what = "no worker is running" if pool.workers == 0 else "every worker is at capacity"
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    f"all {pool.kind} workers are busy ({what}); try again shortly",
+                    headers={"Retry-After": "5"},
+                )
     store = request.app.state.store
     sid, token = await store.create(config or SessionConfig())
     r = request.app.state.redis

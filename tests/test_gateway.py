@@ -18,6 +18,7 @@ from tests.conftest import Stack, stack_env
 
 def start_gateway(redis_url: str, **extra: str) -> Stack:
     port = free_port()
+    extra = {"ADMISSION_CONTROL": "false", **extra}
     stack = Stack(redis_url, stack_env(redis_url, port, **extra), f"http://127.0.0.1:{port}")
     stack.start("gateway")
     deadline = time.monotonic() + 30

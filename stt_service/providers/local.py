@@ -106,7 +106,7 @@ class _Whisper:
         self.settings = settings
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-stt")
         self.model: _TrimmedWhisperModel | None = None
-        self.english_only = True
+        self.languages: frozenset[str] = frozenset({"en"})  # what the loaded model can transcribe
         # A concurrent future, not an asyncio lock: the engine may outlive one event loop (tests).
         self._loading: concurrent.futures.Future[None] | None = None
         quiet = logging.getLogger("faster_whisper")
@@ -134,15 +134,15 @@ class _Whisper:
             str(path), device="cpu", compute_type="int8", cpu_threads=self.settings.local_stt_threads,
             num_workers=1, local_files_only=True,
         )
-        self.english_only = not model.model.is_multilingual
+        self.languages = frozenset(model.supported_languages)
         self.model = model
         self._transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), "en")  # warm the kernels up
         log.info("local stt model loaded from %s (%d threads)", path, self.settings.local_stt_threads)
 
-    def submit(self, audio: np.ndarray, language: str) -> concurrent.futures.Future[str]:
+    def submit(self, audio: np.ndarray, language: str | None) -> concurrent.futures.Future[str]:
         return self.executor.submit(self._transcribe, audio, language)
 
-    def _transcribe(self, audio: np.ndarray, language: str) -> str:
+    def _transcribe(self, audio: np.ndarray, language: str | None) -> str:
         """Runs on the model thread. A short encoder window first; the full one if that loops."""
         content_frames = len(audio) // 160 + 1
         short = min(FULL_ENCODER_FRAMES, max(MIN_ENCODER_FRAMES, 2 * content_frames))
@@ -151,7 +151,7 @@ class _Whisper:
             text = self._decode(audio, language, FULL_ENCODER_FRAMES)
         return text
 
-    def _decode(self, audio: np.ndarray, language: str, encoder_frames: int) -> str:
+    def _decode(self, audio: np.ndarray, language: str | None, encoder_frames: int) -> str:
         assert self.model is not None
         self.model.encoder_frames = encoder_frames
         max_new_tokens = min(200, 10 + int(TOKENS_PER_S * len(audio) / SAMPLE_RATE))
@@ -651,15 +651,21 @@ class LocalSttEngine:
             self._vad_session = get_vad_model().session
         return self._vad_session
 
-    def language_for(self, language: str) -> str:
-        """Whisper's language for a session's BCP 47 tag; an English-only model gets English."""
+    def language_for(self, language: str) -> str | None:
+        """Whisper's language for a session's BCP 47 tag (None: let Whisper detect it).
+
+        An English-only model (tiny.en) transcribes everything as English; a multilingual one
+        detects the language itself when it does not know the tag.
+        """
         primary = (language or "en").split("-")[0].lower()
-        if self.whisper.english_only and primary != "en":
-            if primary not in self._warned_languages:
-                self._warned_languages.add(primary)
-                log.warning("local stt model is English-only: transcribing %r as English", language)
-            return "en"
-        return primary
+        supported = self.whisper.languages
+        if primary in supported:
+            return primary
+        fallback = "en" if supported == {"en"} else None
+        if primary not in self._warned_languages:
+            self._warned_languages.add(primary)
+            log.warning("local stt model has no %r: %s", language, "using English" if fallback else "detecting it")
+        return fallback
 
     def forget(self, stream: LocalSttStream) -> None:
         self._streams.discard(stream)
