@@ -9,7 +9,7 @@ import sys
 from common.settings import get_settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-stack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start Redis (if needed), the gateway and one worker of each kind")
@@ -21,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     say.add_argument("--url", default=None, help="gateway URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
     say.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply")
     say.add_argument("--api-key", default=None, help="GATEWAY_API_KEY, if the gateway requires one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     settings = get_settings()
     if args.command == "up":

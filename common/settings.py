@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_api_key: SecretStr | None = None
     gateway_public_url: str = ""
+    frontend_dir: str = Field(default="", description="the page's folder; empty = frontend/ of this checkout")
 
     # Sessions
     session_grace_s: float = 15.0

@@ -208,7 +208,9 @@ async function createSession() {
     .then((b) => (typeof b.detail === "string" ? b.detail : ""))
     .catch(() => "");
   if (res.status === 503) {
-    throw Object.assign(new Error("All avatars are busy right now. Please try again in a minute."), {
+    const wait = Number(res.headers.get("Retry-After"));
+    const when = wait > 0 && wait <= 120 ? `in ${wait} seconds` : "in a minute";
+    throw Object.assign(new Error(`All avatars are busy right now. Please try again ${when}.`), {
       code: "no_capacity",
     });
   }
