@@ -20,6 +20,17 @@ from gateway.admission import all_pools
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 
+class PageFiles(StaticFiles):
+    """The page's files, minus what only its setup step needs (npm tree, manifests, scripts)."""
+
+    HIDDEN = ("node_modules", "package.json", "package-lock.json", "setup.sh", "README.md")
+
+    def lookup_path(self, path: str):
+        if any(part in self.HIDDEN or part.startswith(".") for part in Path(path).parts):
+            return "", None
+        return super().lookup_path(path)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -65,5 +76,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     frontend = Path(settings.frontend_dir) if settings.frontend_dir else FRONTEND_DIR
     if frontend.is_dir():
-        app.mount("/", StaticFiles(directory=frontend, html=True), name="frontend")
+        app.mount("/", PageFiles(directory=frontend, html=True), name="frontend")
     return app

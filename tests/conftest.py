@@ -140,17 +140,22 @@ def start_stack(redis_url: str, **extra: str) -> Stack:
     stack.start("gateway")
     stack.start("stt-worker")
     stack.start("avatar-worker")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
-    stack.wait_workers("stt", 1)
-    stack.wait_workers("avatar", 1)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            stack.assert_alive()
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.1)
+        stack.wait_workers("stt", 1)
+        stack.wait_workers("avatar", 1)
+    except BaseException:
+        stack.stop_all()
+        raise
     return stack
 
 
