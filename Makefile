@@ -11,11 +11,11 @@ STAMP  := $(VENV)/.installed
 run: setup
 	$(BIN)/avatar-stack up
 
-test: setup setup-system
+test: setup-system setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -ra
 
-setup: $(STAMP) frontend/vendor/.installed
+setup: $(STAMP) frontend/vendor/livekit-client.umd.js
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-frontend/vendor/.installed: frontend/package.json frontend/package-lock.json frontend/setup.sh
+frontend/vendor/livekit-client.umd.js: frontend/package.json frontend/package-lock.json
 	bash frontend/setup.sh
-	touch $@
 
-# Test-only system tools: Chromium for browser tests, espeak-ng + sox to make test speech.
+# Test-only system tools: Chromium for browser tests, espeak-ng + sox to make test speech,
+# npm for the page's pinned livekit-client.
 setup-system:
-	@if ! command -v chromium >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then \
-		echo "installing chromium, espeak-ng, sox (apt)"; \
+	@missing=""; \
+	for tool in chromium espeak-ng sox npm; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing (apt)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium espeak-ng sox; \
+		pkgs=$$(echo "$$missing" | sed 's/\bnpm\b/nodejs npm/'); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $$pkgs; \
 	fi
 
 lint: setup
