@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     ended_session_ttl_s: int = 120
 
     # Workers
-    stt_capacity: int = 2
+    stt_capacity: int = 4
     avatar_capacity: int = 8
     admission_control: bool = True  # 503 on POST /v1/sessions when a worker pool is full
     worker_stale_s: float = 5.0  # a worker silent this long no longer counts

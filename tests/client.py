@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +115,12 @@ class Browser:
         assert self.ws is not None
         await self.ws.send(orjson.dumps(payload).decode())
 
-    async def close(self) -> None:
+    async def close(self, *, end: bool = True) -> None:
+        """Leave like a page does: end the session (unless `end=False`), then close the socket."""
         if self.ws is not None:
+            if end and self.close_code is None:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await self.send_json({"type": "end"})
             await self.ws.close()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)

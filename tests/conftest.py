@@ -125,6 +125,7 @@ def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
         STT_PROVIDER="local",
         AVATAR_PROVIDER="local",
         JOB_LEASE_MS="3000",
+        STT_CAPACITY="8",
         HEARTBEAT_MS="500",
         PYTHONUNBUFFERED="1",
         LOG_LEVEL="INFO",

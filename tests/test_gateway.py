@@ -172,7 +172,7 @@ async def test_events_reach_only_their_session_and_resume_after_reconnect(gatewa
     assert [e["text"] for e in browser_a.of_type("avatar.reply")] == ["reply 1"]
     assert [e["text"] for e in browser_b.of_type("avatar.reply")] == ["reply 100"]
 
-    await browser_a.close()
+    await browser_a.close(end=False)
     publish(a.session_id, 2)  # sent while the page is away
     publish(a.session_id, 3)
     back = Browser(a)
