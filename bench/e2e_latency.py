@@ -20,6 +20,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 
 from avatar_stack.up import free_port, redis_binary, start_redis
 from tests.client import Browser, create_session
@@ -47,6 +48,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def trim_trailing_silence(pcm: bytes, threshold_db: float = -45.0) -> bytes:
+    """Cut the file after its last voiced 20 ms frame, so 'end of speech' is when the voice stops."""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    hop = 320
+    n = len(samples) // hop
+    rms = np.sqrt(np.mean(samples[: n * hop].reshape(n, hop) ** 2, axis=1))
+    voiced = np.nonzero(20 * np.log10(rms + 1e-9) > threshold_db)[0]
+    return pcm[: (int(voiced[-1]) + 1) * hop * 2] if len(voiced) else pcm
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -60,7 +71,7 @@ async def measure(base_url: str, n: int) -> dict[str, list[float]]:
     for i in range(n):
         text = QUESTIONS[i % len(QUESTIONS)]
         seen = len(browser.events)
-        speech_end = await browser.stream(speech_pcm(text, pad_s=0.3), trailing_silence_s=0.0)
+        speech_end = await browser.stream(trim_trailing_silence(speech_pcm(text, pad_s=0.3)), trailing_silence_s=0.0)
         # Keep the microphone open (silence) while waiting, as a page would.
         silence = asyncio.create_task(browser.stream(b"", trailing_silence_s=30.0))
         try:
@@ -100,10 +111,10 @@ def main() -> None:
     }
     base_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:  # workers up too
                     break
             except httpx.HTTPError:
                 pass

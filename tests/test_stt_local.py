@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from stt_service.providers.local import (
     VAD_WINDOW,
     LocalSttEngine,
     _Segmenter,
+    _Whisper,
     clean_transcript,
 )
 from tests.speech import silence_pcm, speech_available, speech_pcm
@@ -249,7 +251,7 @@ async def test_falling_behind_drops_oldest_audio_but_keeps_time_and_order(
     async def no_load() -> None:
         return None
 
-    def slow_submit(audio: np.ndarray, language: str) -> concurrent.futures.Future[str]:
+    def slow_submit(audio: np.ndarray, language: str | None, *, urgent: bool) -> concurrent.futures.Future[str]:
         return slow.submit(lambda: (time.sleep(2.5), "slow words")[1])
 
     monkeypatch.setattr(engine.whisper, "load", no_load)
@@ -276,3 +278,25 @@ async def test_falling_behind_drops_oldest_audio_but_keeps_time_and_order(
     kinds = [r.kind for r in results if r.kind in ("speech_started", "final")]
     assert kinds[0] == "speech_started" and "final" in kinds
     assert all(a != b for a, b in itertools.pairwise(kinds))  # started, final, started, final...
+
+
+def test_finals_jump_ahead_of_waiting_interims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With sessions sharing the model thread, a final never waits behind queued interims."""
+    whisper = _Whisper(Settings(_env_file=None))
+    gate, order = threading.Event(), []
+
+    def fake_transcribe(audio: np.ndarray, language: str | None) -> str:
+        gate.wait(10)
+        order.append(int(audio[0]))
+        return ""
+
+    monkeypatch.setattr(whisper, "_transcribe", fake_transcribe)
+    running = whisper.submit(np.zeros(1, dtype=np.float32), "en")
+    while not running.running():
+        time.sleep(0.001)
+    queued = [whisper.submit(np.full(1, i, dtype=np.float32), "en", urgent=i == 3) for i in (1, 2, 3)]
+    assert queued[1].cancel()  # a stale interim, dropped before it ran
+    gate.set()
+    concurrent.futures.wait([running, queued[0], queued[2]], timeout=10)
+    whisper.close()
+    assert order == [0, 3, 1]

@@ -14,7 +14,8 @@ Whisper is not a streaming model, so streaming is built around it:
   window makes Whisper loop, so a repetitive result is redone with the full window.
 
 One model instance serves every session of the worker, on a single thread (CTranslate2 already
-uses `local_stt_threads` cores inside one call), so the event loop never runs model work.
+uses `local_stt_threads` cores inside one call), so the event loop never runs model work; finals
+go ahead of other sessions' waiting interims.
 VAD windows sit on a grid of absolute session samples, so replaying the same audio from the same
 cursor reproduces the same boundaries, hence the same utterance ids.
 """
@@ -22,14 +23,18 @@ cursor reproduces the same boundaries, hence the same utterance ids.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import heapq
+import itertools
 import logging
 import re
+import threading
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -100,15 +105,23 @@ class _TrimmedWhisperModel(WhisperModel):
 
 
 class _Whisper:
-    """The shared faster-whisper model. Only its single executor thread ever touches it."""
+    """The shared faster-whisper model. Only its single executor thread ever touches it.
+
+    Jobs wait in a priority heap rather than the executor's FIFO: each executor task runs whichever
+    job is most urgent when it starts, so one session's final never waits behind other sessions'
+    queued interims.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-stt")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-stt")
+        self._jobs: list[tuple[int, int, Future[str], Callable[[], str]]] = []
+        self._jobs_lock = threading.Lock()
+        self._job_seq = itertools.count()
         self.model: _TrimmedWhisperModel | None = None
         self.languages: frozenset[str] = frozenset({"en"})  # what the loaded model can transcribe
         # A concurrent future, not an asyncio lock: the engine may outlive one event loop (tests).
-        self._loading: concurrent.futures.Future[None] | None = None
+        self._loading: Future[None] | None = None
         quiet = logging.getLogger("faster_whisper")
         if quiet.level == logging.NOTSET:  # it logs every call at INFO: a line per interim
             quiet.setLevel(logging.WARNING)
@@ -139,8 +152,33 @@ class _Whisper:
         self._transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), "en")  # warm the kernels up
         log.info("local stt model loaded from %s (%d threads)", path, self.settings.local_stt_threads)
 
-    def submit(self, audio: np.ndarray, language: str | None) -> concurrent.futures.Future[str]:
-        return self.executor.submit(self._transcribe, audio, language)
+    def submit(self, audio: np.ndarray, language: str | None, *, urgent: bool = False) -> Future[str]:
+        """Queue a transcription; `urgent` ones (finals) run before any waiting non-urgent one."""
+        job: Future[str] = Future()
+        with self._jobs_lock:
+            heapq.heappush(
+                self._jobs, (0 if urgent else 1, next(self._job_seq), job, partial(self._transcribe, audio, language))
+            )
+        try:
+            self.executor.submit(self._run_next)  # one run per job: every job gets its turn
+        except RuntimeError:  # shut down
+            job.cancel()
+            raise
+        return job
+
+    def _run_next(self) -> None:
+        """Runs on the model thread: the most urgent job that was not cancelled meanwhile."""
+        while True:
+            with self._jobs_lock:
+                if not self._jobs:
+                    return
+                _, _, job, call = heapq.heappop(self._jobs)
+            if job.set_running_or_notify_cancel():
+                break
+        try:
+            job.set_result(call())
+        except BaseException as exc:
+            job.set_exception(exc)
 
     def _transcribe(self, audio: np.ndarray, language: str | None) -> str:
         """Runs on the model thread. A short encoder window first; the full one if that loops."""
@@ -164,6 +202,10 @@ class _Whisper:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        with self._jobs_lock:
+            for _, _, job, _ in self._jobs:
+                job.cancel()
+            self._jobs.clear()
 
 
 class _Vad:
@@ -379,10 +421,10 @@ class LocalSttStream:
         self._utt_seq = 0
         self._utt_open = False
         self._utt_onset = 0
-        self._job: concurrent.futures.Future[str] | None = None  # the latest transcription
+        self._job: Future[str] | None = None  # the latest transcription
         self._job_gen = 0
         self._interim_gen = 0  # generation of the newest interim sent
-        self._speculative: tuple[int, concurrent.futures.Future[str]] | None = None  # (end index, job)
+        self._speculative: tuple[int, Future[str]] | None = None  # (end index, job)
         self._task = asyncio.create_task(self._run(), name=f"local-stt-{session_id}")
 
     # -- the SttStream protocol --------------------------------------------------------------------
@@ -500,10 +542,10 @@ class LocalSttStream:
                 await self._results.put(SttResult("speech_started", "", utterance_id(start_s), start_s))
             elif event.kind == "interim":
                 if self._job is None or self._job.done():  # busy: skip rather than queue
-                    self._submit(self._seg.audio(event.index))
+                    self._submit(self._seg.audio(event.index), final=False)
                     self._seg.interim_started()
             elif event.kind == "silence":
-                self._speculative = (event.index, self._submit(self._seg.audio(event.index), replace=True))
+                self._speculative = (event.index, self._submit(self._seg.audio(event.index), final=True))
             elif event.kind == "resume":
                 self._speculative = None  # its text may still serve as an interim
             elif event.kind == "end":
@@ -517,7 +559,7 @@ class LocalSttStream:
             job = self._speculative[1]  # transcribed during the silence: usually done by now
         else:
             assert event.audio is not None
-            job = self._submit(event.audio, replace=True)
+            job = self._submit(event.audio, final=True)
         self._speculative = None
         text = clean_transcript(await asyncio.wrap_future(job))
         start_s, end_s = self._time(self._utt_onset), self._time(event.index)
@@ -525,15 +567,16 @@ class LocalSttStream:
             await self._results.put(SttResult("final", text, utterance_id(start_s), start_s, end_s))
         await self._results.put(SttResult("checkpoint", end_s=end_s))
 
-    def _submit(self, audio: np.ndarray, *, replace: bool = False) -> concurrent.futures.Future[str]:
+    def _submit(self, audio: np.ndarray, *, final: bool) -> Future[str]:
         """Start a transcription; its text becomes an interim unless something newer got there first.
 
-        `replace` cancels this session's previous transcription if it is still queued (a running
-        one cannot be stopped), so stale work never piles up in front of the one that matters.
+        One for a `final` (speculative or not) jumps ahead of waiting interims and cancels this
+        session's previous transcription if that is still queued (a running one cannot be
+        stopped), so stale work never piles up in front of the one that matters.
         """
-        if replace and self._job is not None:
+        if final and self._job is not None:
             self._job.cancel()
-        job = self.engine.whisper.submit(audio, self.language)
+        job = self.engine.whisper.submit(audio, self.language, urgent=final)
         self._job_gen += 1
         self._job = job
         seq, gen = self._utt_seq, self._job_gen
