@@ -61,6 +61,9 @@ class SttStream(Protocol):
 class SttEngine(Protocol):
     name: str
 
+    async def load(self) -> None:
+        """Get ready before the first session (load and warm a model); cheap engines do nothing."""
+
     async def open(self, session_id: str, *, language: str, start_offset_s: float) -> SttStream: ...
 
     async def aclose(self) -> None:

@@ -47,6 +47,7 @@ class SttWorker:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        await self.engine.load()  # before claiming, so the first session does not wait for a model
         try:
             await self.claims.run(stop)
         finally:

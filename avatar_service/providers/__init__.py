@@ -9,6 +9,10 @@ from common.settings import Settings
 
 def make_driver(settings: Settings, bus: Bus) -> AvatarDriver:
     provider = settings.resolved_avatar_provider()
+    if provider == "heygen":
+        from avatar_service.providers.heygen import HeyGenAvatarDriver
+
+        return HeyGenAvatarDriver(settings, bus)
     if provider != "local":
         raise SystemExit(
             f"AVATAR_PROVIDER={provider} is not available in this build yet; use AVATAR_PROVIDER=local"

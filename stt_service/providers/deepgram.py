@@ -189,6 +189,9 @@ class DeepgramEngine:
             raise
         return stream
 
+    async def load(self) -> None:
+        """Nothing to prepare: each session opens its own socket."""
+
     async def aclose(self) -> None:
         await asyncio.gather(*(s.close() for s in list(self._streams)), return_exceptions=True)
 

@@ -1,0 +1,833 @@
+"""HeyGen Interactive Avatar (streaming API, `version: "v2"` over LiveKit) as an avatar driver.
+
+Per session (reference §2): `streaming.create_token` → `streaming.new` → `streaming.start`, then
+`streaming.task` / `streaming.interrupt` / `streaming.keep_alive` while it is live and
+`streaming.stop` at the end. The browser joins the LiveKit room with the `url` and user
+`access_token` of `streaming.new` (sent in `session.ready`); the API key and the HeyGen session
+token never leave this process. The session token authenticates the calls that create the session
+(`new`, `start`); everything any worker may do to any session later (task, interrupt, keep-alive,
+stop, list) uses the API key, so a worker that takes a session over needs nothing secret from Redis.
+
+Why it is shaped like this:
+- A vendor session outlives the worker that created it. Its id is written to the session hash
+  right after `streaming.new`, before `streaming.start`: a worker that takes the session over
+  (crash, graceful hand-back) resumes it after a keep-alive probe instead of paying for a second
+  one, and the orphan reaper (`avatar_service/reaper.py`) never takes it for a leak.
+- Only `stop()` stops the vendor session. A worker that hands its sessions back (SIGTERM) or loses
+  one just stops keeping it alive: the keep-alive task is tied to the task serving the session.
+- Whether the avatar is talking comes from the data-channel events the page relays
+  (`avatar_start_talking` / `avatar_stop_talking`, matched by `task_id`); the task response's
+  `duration_ms` is the fallback for a page that relays nothing.
+
+`task_type` (`HEYGEN_TASK_TYPE`): `talk` (default) sends what the *user* said and HeyGen answers
+from the knowledge base; `repeat` speaks the given text verbatim, split at sentence boundaries
+under the per-task length limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from avatar_service.responder import split_sentences
+from common import keys
+from common.bus import Bus
+from common.models import (
+    AvatarStartedTalking,
+    AvatarStoppedTalking,
+    ErrorEvent,
+    LiveKitInfo,
+    SessionConfig,
+    SessionReady,
+)
+from common.sessions import SessionStore
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Fields this driver keeps in the session hash `session:{sid}`.
+F_VENDOR_ID = "heygen_session_id"
+F_LIVEKIT_URL = "heygen_livekit_url"
+F_LIVEKIT_TOKEN = "heygen_livekit_token"  # the browser's LiveKit token: it is in `session.ready` anyway
+F_STARTED = "heygen_started"  # "1" once streaming.start succeeded
+VENDOR_FIELDS = (F_VENDOR_ID, F_LIVEKIT_URL, F_LIVEKIT_TOKEN, F_STARTED)
+
+KB_KEY_PREFIX = "heygen:kb:"  # + digest of the prompt -> knowledge base id
+KB_LOCK_S = 15
+DEFAULT_KB_PROMPT_FILE = Path(__file__).resolve().parent.parent / "knowledge.md"
+
+SUCCESS_CODES = {100, 1000}
+CODE_INVALID_CREDENTIALS = 40009
+CODE_WRONG_STATE = 400006
+CODE_SESSION_NOT_FOUND = 10005
+CODE_AVATAR_NOT_FOUND = 10013
+START_FALLBACK_S = 1.5  # with no relayed events, announce `started_talking` this long after a task is accepted
+UNKNOWN_DURATION_S = 30.0  # fallback when a task response has no usable `duration_ms`
+INTERRUPT_TIMEOUT_S = 2.0  # below the worker's wait for an interrupted reply
+RECENT_TASK_EVENTS = 64
+
+T = TypeVar("T", int, float, str)
+
+
+def _opt(settings: Settings, name: str, default: T) -> T:
+    """A HeyGen setting: from `Settings` once it has the field, until then from the environment."""
+    if hasattr(settings, name):
+        value = getattr(settings, name)
+    else:
+        value = os.environ.get(name.upper(), default)
+    return type(default)(value)
+
+
+@dataclass(frozen=True)
+class HeyGenOptions:
+    """Everything the driver reads from the settings, checked once."""
+
+    api_key: str
+    server_url: str = "https://api.heygen.com"
+    avatar_id: str = ""
+    voice_id: str = ""
+    knowledge_base_id: str = ""
+    quality: str = "medium"
+    voice_rate: float = 1.0
+    voice_emotion: str = ""
+    task_type: str = "talk"
+    task_max_chars: int = 900
+    idle_timeout_s: int = 300
+    keepalive_s: float = 60.0
+    stop_grace_s: float = 2.0
+    http_timeout_s: float = 10.0
+    kb_prompt_file: str = ""
+    reaper_interval_s: float = 120.0
+    reaper_grace_s: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HeyGenOptions:
+        key = settings.heygen_api_key.get_secret_value() if settings.heygen_api_key else ""
+        task_type = _opt(settings, "heygen_task_type", "talk").lower()
+        if task_type not in ("talk", "repeat"):
+            raise ValueError(f"HEYGEN_TASK_TYPE must be talk or repeat, not {task_type!r}")
+        quality = _opt(settings, "heygen_quality", "medium").lower()
+        if quality not in ("low", "medium", "high"):
+            raise ValueError(f"HEYGEN_QUALITY must be low, medium or high, not {quality!r}")
+        idle = min(3600, max(30, _opt(settings, "heygen_idle_timeout_s", 300)))  # the vendor's range
+        keepalive = _opt(settings, "heygen_keepalive_s", 60.0)
+        if not 0 < keepalive <= idle / 2:
+            log.warning("HEYGEN_KEEPALIVE_S=%s is not well inside the %d s idle timeout; using %d s",
+                        keepalive, idle, idle // 3)
+            keepalive = idle / 3
+        return cls(
+            api_key=key,
+            server_url=settings.heygen_server_url,
+            avatar_id=settings.heygen_avatar_id,
+            voice_id=settings.heygen_voice_id,
+            knowledge_base_id=settings.heygen_knowledge_base_id,
+            quality=quality,
+            voice_rate=_opt(settings, "heygen_voice_rate", 1.0),
+            voice_emotion=_opt(settings, "heygen_voice_emotion", ""),
+            task_type=task_type,
+            task_max_chars=max(50, _opt(settings, "heygen_task_max_chars", 900)),
+            idle_timeout_s=idle,
+            keepalive_s=keepalive,
+            stop_grace_s=max(0.0, _opt(settings, "heygen_stop_grace_s", 2.0)),
+            http_timeout_s=max(1.0, _opt(settings, "heygen_http_timeout_s", 10.0)),
+            kb_prompt_file=_opt(settings, "heygen_kb_prompt_file", ""),
+            reaper_interval_s=_opt(settings, "heygen_reaper_interval_s", 120.0),
+            reaper_grace_s=max(0.0, _opt(settings, "heygen_reaper_grace_s", 60.0)),
+        )
+
+
+# ---------------------------------------------------------------- errors
+
+
+class AvatarError(Exception):
+    """A failure the user must be told about; `code`/`message` become an `error` event as they are."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = True) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+    def event(self) -> ErrorEvent:
+        return ErrorEvent(code=self.code, message=self.message, fatal=self.fatal)
+
+
+class HeyGenError(Exception):
+    """A failed HeyGen call: HTTP `status` (0 = no answer), the vendor's `code` and `message`."""
+
+    def __init__(self, path: str, status: int, code: int | None, message: str) -> None:
+        super().__init__(f"{path}: HTTP {status}, code {code}: {message}")
+        self.path = path
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def capacity(self) -> bool:
+        """The concurrency limit; its body is unconfirmed (reference §2.3), so match the text."""
+        return "concurren" in self.message.lower()
+
+    @property
+    def auth(self) -> bool:
+        return self.status in (401, 403) or self.code == CODE_INVALID_CREDENTIALS
+
+    @property
+    def gone(self) -> bool:
+        """The vendor session no longer exists or is closed (stopped, idle timeout, duration limit)."""
+        text = self.message.lower()
+        return self.code in (CODE_WRONG_STATE, CODE_SESSION_NOT_FOUND) or (
+            "session" in text and ("not found" in text or "closed" in text or "correct state" in text)
+        )
+
+    @property
+    def transient(self) -> bool:
+        return not self.capacity and (self.status == 0 or self.status == 429 or self.status >= 500)
+
+
+def avatar_error(exc: HeyGenError) -> AvatarError:
+    """What the user is told when starting the avatar failed (never the vendor's raw text)."""
+    if exc.capacity:
+        return AvatarError("avatar_capacity", "all avatars are busy, try again shortly")
+    if exc.auth:
+        return AvatarError("avatar_auth", "the avatar service rejected its API key (check HEYGEN_API_KEY)")
+    if exc.code == CODE_AVATAR_NOT_FOUND:
+        return AvatarError("avatar_not_found", "HeyGen does not know this avatar id (check HEYGEN_AVATAR_ID)")
+    if exc.transient:
+        return AvatarError("avatar_unavailable", "the avatar service is unreachable, try again shortly")
+    return AvatarError("avatar_failed", "the avatar could not be started")
+
+
+# ---------------------------------------------------------------- HTTP client
+
+
+@dataclass(frozen=True)
+class NewSession:
+    session_id: str
+    url: str
+    access_token: str
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task_id: str
+    duration_s: float  # the vendor's estimate; 0 when it gave none
+
+
+@dataclass(frozen=True)
+class VendorSession:
+    session_id: str
+    status: str
+    created_at: float | None  # unix seconds
+
+
+class HeyGenClient:
+    """The streaming API over one pooled `httpx.AsyncClient`; raises `HeyGenError`.
+
+    Only calls that are safe to repeat (keep-alive, interrupt, stop, list) are retried, and only
+    on transient failures: a repeated `new` could open a second paid session, a repeated `task`
+    would say the text twice.
+    """
+
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._api_key = api_key
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+            headers={"Accept": "application/json"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create_token(self) -> str:
+        data = await self._call("POST", "/v1/streaming.create_token", {})
+        token = data.get("token")
+        if not isinstance(token, str) or not token:
+            raise HeyGenError("/v1/streaming.create_token", 200, None, "no token in the response")
+        return token
+
+    async def new_session(self, token: str, body: dict[str, Any]) -> NewSession:
+        data = await self._call("POST", "/v1/streaming.new", body, bearer=token)
+        try:
+            return NewSession(str(data["session_id"]), str(data["url"]), str(data["access_token"]))
+        except KeyError as exc:
+            raise HeyGenError("/v1/streaming.new", 200, None, f"response without {exc}") from None
+
+    async def start(self, session_id: str, token: str | None = None) -> None:
+        await self._call("POST", "/v1/streaming.start", {"session_id": session_id}, bearer=token)
+
+    async def task(self, session_id: str, text: str, task_type: str) -> TaskResult:
+        body = {"session_id": session_id, "text": text, "task_type": task_type, "task_mode": "async"}
+        data = await self._call("POST", "/v1/streaming.task", body)
+        duration = data.get("duration_ms")
+        seconds = float(duration) / 1000 if isinstance(duration, int | float) and duration > 0 else 0.0
+        return TaskResult(str(data.get("task_id") or ""), seconds)
+
+    async def interrupt(self, session_id: str) -> None:
+        await self._call("POST", "/v1/streaming.interrupt", {"session_id": session_id},
+                         retries=1, timeout_s=INTERRUPT_TIMEOUT_S)
+
+    async def keep_alive(self, session_id: str, *, retries: int = 2) -> None:
+        await self._call("POST", "/v1/streaming.keep_alive", {"session_id": session_id}, retries=retries)
+
+    async def stop(self, session_id: str) -> bool:
+        """Stop a session; False if the vendor says it was already gone (idempotent for callers)."""
+        try:
+            await self._call("POST", "/v1/streaming.stop", {"session_id": session_id}, retries=2)
+        except HeyGenError as exc:
+            if exc.gone:
+                return False
+            raise
+        return True
+
+    async def list_sessions(self) -> list[VendorSession]:
+        data = await self._call("GET", "/v1/streaming.list", retries=2)
+        out = []
+        for item in data.get("sessions") or []:
+            if isinstance(item, dict) and item.get("session_id"):
+                created = item.get("created_at")
+                out.append(VendorSession(
+                    str(item["session_id"]), str(item.get("status", "")),
+                    float(created) if isinstance(created, int | float) else None,
+                ))
+        return out
+
+    async def knowledge_bases(self) -> list[dict[str, Any]]:
+        """Shapes vary (reference §2.3): `data.list[]` or `data` as the list itself."""
+        payload = await self._request("GET", "/v1/streaming/knowledge_base/list", None, None, 2, None)
+        data = payload.get("data")
+        items = data.get("list") if isinstance(data, dict) else data
+        return [item for item in items or [] if isinstance(item, dict)]
+
+    async def create_knowledge_base(self, name: str, prompt: str, opening: str = "") -> str:
+        body = {"name": name, "opening": opening, "prompt": prompt}
+        data = await self._call("POST", "/v1/streaming/knowledge_base/create", body)
+        kb_id = data.get("id") or data.get("knowledge_base_id")
+        if not kb_id:
+            raise HeyGenError("/v1/streaming/knowledge_base/create", 200, None, "no id in the response")
+        return str(kb_id)
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                    bearer: str | None = None, retries: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
+        payload = await self._request(method, path, body, bearer, retries, timeout_s)
+        data = payload.get("data")
+        return data if isinstance(data, dict) else {}
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, bearer: str | None,
+                       retries: int, timeout_s: float | None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {"X-Api-Key": self._api_key}
+        timeout = httpx.Timeout(timeout_s) if timeout_s else httpx.USE_CLIENT_DEFAULT
+        for attempt in range(retries + 1):
+            try:
+                return await self._once(method, path, body, headers, timeout)
+            except HeyGenError as exc:
+                if not exc.transient or attempt == retries:
+                    raise
+                log.info("HeyGen %s failed (%s); retrying", path, exc)
+                await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def _once(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str],
+                    limits: Any) -> dict[str, Any]:
+        try:
+            resp = await self._http.request(method, path, json=body, headers=headers, timeout=limits)
+        except httpx.HTTPError as exc:  # no answer; the message never includes headers
+            raise HeyGenError(path, 0, None, type(exc).__name__) from None
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = {}
+        if not isinstance(payload, dict):
+            payload = {"data": payload}
+        code = payload.get("code")
+        if resp.is_success and (code is None or code in SUCCESS_CODES) and not payload.get("error"):
+            return payload
+        message = str(payload.get("message") or payload.get("error") or resp.reason_phrase or "error")[:200]
+        raise HeyGenError(path, resp.status_code, code if isinstance(code, int) else None, message)
+
+
+# ---------------------------------------------------------------- knowledge base
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What `talk` answers from: a knowledge base id, else the prompt passed inline."""
+
+    id: str | None = None
+    prompt: str | None = None
+
+
+class KnowledgeBase:
+    """`HEYGEN_KNOWLEDGE_BASE_ID`, else one created once per prompt from a file, its id cached in Redis.
+
+    The Redis key carries a digest of the prompt, so editing the file makes a new knowledge base; a
+    short lock keeps two workers from creating it twice. If creating it fails, sessions still get
+    the prompt inline (`knowledge_base`), so `talk` keeps working.
+    """
+
+    def __init__(self, r: aioredis.Redis, client: HeyGenClient, options: HeyGenOptions) -> None:
+        self.r = r
+        self.client = client
+        self.options = options
+        self._prompt: str | None = None
+
+    async def resolve(self) -> Knowledge:
+        if self.options.knowledge_base_id:
+            return Knowledge(id=self.options.knowledge_base_id)
+        prompt = await self._read_prompt()
+        key, name = self._key(prompt)
+        cached = await self.r.get(key)
+        if cached:
+            return Knowledge(id=cached.decode())
+        if await self.r.set(f"{key}:lock", "1", nx=True, ex=KB_LOCK_S):
+            try:
+                kb_id = await self._find_or_create(name, prompt)
+            except HeyGenError as exc:
+                if exc.auth:
+                    raise
+                log.warning("could not create a HeyGen knowledge base (%s); passing the prompt inline", exc)
+                return Knowledge(prompt=prompt)
+            finally:
+                await self.r.delete(f"{key}:lock")
+            await self.r.set(key, kb_id)
+            log.info("created HeyGen knowledge base %s from %s", kb_id, self._prompt_path())
+            return Knowledge(id=kb_id)
+        for _ in range(KB_LOCK_S * 5):  # another worker is creating it
+            await asyncio.sleep(0.2)
+            cached = await self.r.get(key)
+            if cached:
+                return Knowledge(id=cached.decode())
+        return Knowledge(prompt=prompt)
+
+    async def forget(self) -> None:
+        """The vendor no longer knows the cached id: the next session creates it again."""
+        if self._prompt is not None and not self.options.knowledge_base_id:
+            await self.r.delete(self._key(self._prompt)[0])
+
+    def _key(self, prompt: str) -> tuple[str, str]:
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        return KB_KEY_PREFIX + digest, f"avatar-stack {digest}"
+
+    def _prompt_path(self) -> Path:
+        return Path(self.options.kb_prompt_file) if self.options.kb_prompt_file else DEFAULT_KB_PROMPT_FILE
+
+    async def _read_prompt(self) -> str:
+        if self._prompt is None:
+            self._prompt = (await asyncio.to_thread(self._prompt_path().read_text, encoding="utf-8")).strip()
+        return self._prompt
+
+    async def _find_or_create(self, name: str, prompt: str) -> str:
+        """Reuse one made by an earlier run whose Redis was flushed, rather than pile up copies."""
+        try:
+            for item in await self.client.knowledge_bases():
+                if item.get("name") == name and item.get("id"):
+                    return str(item["id"])
+        except HeyGenError as exc:
+            if exc.auth:
+                raise
+        return await self.client.create_knowledge_base(name, prompt)
+
+
+def pack_sentences(text: str, max_chars: int) -> list[str]:
+    """Whole sentences, packed into as few pieces of at most `max_chars` as possible."""
+    pieces: list[str] = []
+    for sentence in split_sentences(text, max_chars):
+        if pieces and len(pieces[-1]) + 1 + len(sentence) <= max_chars:
+            pieces[-1] += " " + sentence
+        else:
+            pieces.append(sentence)
+    return pieces
+
+
+# ---------------------------------------------------------------- driver
+
+
+class HeyGenAvatarDriver:
+    name = "heygen"
+
+    def __init__(self, settings: Settings, bus: Bus, *, options: HeyGenOptions | None = None,
+                 client: HeyGenClient | None = None) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.options = options or HeyGenOptions.from_settings(settings)
+        if not self.options.api_key:
+            raise SystemExit("AVATAR_PROVIDER=heygen needs HEYGEN_API_KEY")
+        self.client = client or HeyGenClient(
+            self.options.server_url, self.options.api_key, timeout_s=self.options.http_timeout_s
+        )
+        self.store = SessionStore(bus.r, bus)
+        self.knowledge = KnowledgeBase(bus.r, self.client, self.options)
+        self.served: set[HeyGenAvatarSession] = set()
+
+    async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> HeyGenAvatarSession:
+        return HeyGenAvatarSession(self, session_id, config, resumed=resumed)
+
+    async def aclose(self) -> None:
+        """Worker shutdown: stop keeping sessions alive here, but never stop them (they are handed back)."""
+        for session in list(self.served):
+            session.release()
+        await self.client.aclose()
+
+
+@dataclass(frozen=True)
+class _Vendor:
+    session_id: str
+    url: str
+    access_token: str
+
+
+@dataclass
+class _Reply:
+    """One `speak`: its current vendor task, and what the relayed events said about it."""
+
+    reply_id: str
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task_id: str | None = None
+    accepted: bool = False  # the vendor took at least one task of this reply
+    done: bool = False  # the current task has been spoken (or cut short)
+    interrupted: bool = False
+    announced: bool = False  # avatar.started_talking published
+    started_at: float | None = None
+    duration_s: float = 0.0
+    announce_at: float = 0.0
+    deadline: float = 0.0  # fallback: assume the current task was spoken by then
+
+    def owns(self, task_id: str | None) -> bool:
+        """An event without a task id is taken to be about the task in flight."""
+        return self.task_id is not None and (task_id is None or task_id == self.task_id)
+
+
+class HeyGenAvatarSession:
+    def __init__(self, driver: HeyGenAvatarDriver, sid: str, config: SessionConfig, *, resumed: bool) -> None:
+        self.driver = driver
+        self.sid = sid
+        self.config = config
+        self.resumed = resumed
+        self.options = driver.options
+        self.client = driver.client
+        self.bus = driver.bus
+        self.store = driver.store
+        self.vendor: _Vendor | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._reply: _Reply | None = None
+        self._stopped = False
+        self._lost_once = False
+        self._talking = False  # from relayed events
+        self._started_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
+        self._stopped_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
+
+    @property
+    def answers_itself(self) -> bool:
+        """True in `talk` mode: HeyGen writes the answer, so the worker has no reply text to show."""
+        return self.options.task_type == "talk"
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Resume the stored vendor session if it is alive, else create one; publish `session.ready`.
+
+        Raises `AvatarError` (after publishing it as an `error` event) when no avatar can be had;
+        a vendor session created on the way is stopped first, so a failed start leaks nothing.
+        """
+        try:
+            self.vendor = await self._resume() or await self._create()
+        except HeyGenError as exc:
+            log.error("starting the HeyGen avatar failed: %s", exc, extra={"sid": self.sid})
+            error = avatar_error(exc)
+            with contextlib.suppress(RedisError):
+                await self.bus.publish_event(self.sid, error.event())
+            raise error from None
+        self._keep_alive_while_served()
+        ready = SessionReady(
+            provider="heygen",
+            stt_provider=self.driver.settings.resolved_stt_provider(),
+            livekit=LiveKitInfo(url=self.vendor.url, token=self.vendor.access_token),
+        )
+        await self.bus.publish_event(self.sid, ready)
+
+    async def stop(self, reason: str) -> None:
+        """Stop the vendor session for good; idempotent. A failure is left to the reaper."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.release()
+        if self._reply is not None:
+            self._reply.interrupted = True
+            self._reply.changed.set()
+        vendor_id = self.vendor.session_id if self.vendor else await self._stored_vendor_id()
+        if not vendor_id:
+            return
+        try:
+            await self.client.stop(vendor_id)
+        except HeyGenError as exc:
+            log.error("could not stop HeyGen session %s (%s); the reaper will", vendor_id, exc, extra={"sid": self.sid})
+            return
+        log.info("stopped HeyGen session %s (%s)", vendor_id, reason, extra={"sid": self.sid})
+        with contextlib.suppress(RedisError):
+            await self.bus.r.hdel(keys.session(self.sid), *VENDOR_FIELDS)
+
+    def release(self) -> None:
+        """This worker no longer serves the session (ended, handed back or lost): stop keeping it alive."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self.driver.served.discard(self)
+
+    # ---- speech
+
+    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
+        """Say a reply; returns once the avatar stopped talking, or promptly after `interrupt()`.
+
+        `talk`: sends `user_text` (what the user said; `text` when not given) as one task and
+        HeyGen answers it. `repeat`: speaks `text`, one task per piece under the length limit,
+        each sent once the previous one has been spoken.
+        """
+        vendor = self.vendor
+        if vendor is None or self._stopped:
+            log.warning("speak on a HeyGen session that is not live", extra={"sid": self.sid})
+            return
+        pieces = self._pieces(text, user_text)
+        if not pieces:
+            return
+        reply = self._reply = _Reply(reply_id)
+        try:
+            for piece in pieces:
+                if reply.interrupted:
+                    break
+                try:
+                    result = await self.client.task(vendor.session_id, piece, self.options.task_type)
+                except HeyGenError as exc:
+                    await self._task_failed(vendor, exc)
+                    break
+                self._accept(reply, result)
+                if reply.interrupted:  # the barge-in came while the task was on its way
+                    await self._interrupt_vendor(vendor)
+                    break
+                await self._wait_spoken(reply)
+        finally:
+            if self._reply is reply:
+                self._reply = None
+        if reply.accepted:
+            if not reply.announced:
+                await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
+            stopped = AvatarStoppedTalking(reply_id=reply_id, interrupted=reply.interrupted)
+            await self.bus.publish_event(self.sid, stopped)
+
+    async def interrupt(self) -> None:
+        """Barge-in: `streaming.interrupt` if the avatar is (about to be) talking; `speak` returns."""
+        reply = self._reply
+        if reply is None or reply.interrupted:
+            return
+        reply.interrupted = True
+        reply.changed.set()
+        if self.vendor is not None and reply.task_id is not None and (not reply.done or self._talking):
+            await self._interrupt_vendor(self.vendor)
+
+    async def on_vendor_event(self, event: str, data: dict) -> None:
+        task_id = str(data["task_id"]) if data.get("task_id") is not None else None
+        reply = self._reply
+        now = asyncio.get_running_loop().time()
+        if event == "avatar_start_talking":
+            self._talking = True
+            if task_id:
+                self._started_tasks.append(task_id)
+            if reply is not None and reply.owns(task_id) and reply.started_at is None:
+                self._mark_started(reply, now)
+        elif event == "avatar_stop_talking":
+            self._talking = False
+            if task_id:
+                self._stopped_tasks.append(task_id)
+            if reply is not None and reply.owns(task_id):
+                reply.done = True
+                reply.changed.set()
+
+    # ---- internals
+
+    def _pieces(self, text: str, user_text: str | None) -> list[str]:
+        limit = self.options.task_max_chars
+        if self.options.task_type == "repeat":
+            return pack_sentences(text, limit)
+        pieces = pack_sentences(user_text if user_text is not None else text, limit)
+        if len(pieces) > 1:
+            log.warning("user text over %d characters: sending its first part", limit, extra={"sid": self.sid})
+        return pieces[:1]
+
+    def _accept(self, reply: _Reply, result: TaskResult) -> None:
+        now = asyncio.get_running_loop().time()
+        reply.task_id = result.task_id or None
+        reply.accepted = True
+        reply.done = False
+        reply.started_at = None
+        reply.duration_s = result.duration_s or UNKNOWN_DURATION_S
+        reply.deadline = now + reply.duration_s + self.options.stop_grace_s
+        reply.announce_at = now + START_FALLBACK_S
+        if result.task_id in self._started_tasks:  # the relay outran the task response
+            self._mark_started(reply, now)
+        if result.task_id in self._stopped_tasks:
+            reply.done = True
+
+    def _mark_started(self, reply: _Reply, now: float) -> None:
+        reply.started_at = now
+        reply.deadline = now + reply.duration_s + self.options.stop_grace_s
+        reply.changed.set()
+
+    async def _wait_spoken(self, reply: _Reply) -> None:
+        """Until the current task was spoken (relayed stop, or the fallback deadline) or interrupted."""
+        loop = asyncio.get_running_loop()
+        while not (reply.done or reply.interrupted):
+            now = loop.time()
+            if not reply.announced and (reply.started_at is not None or now >= reply.announce_at):
+                reply.announced = True
+                await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply.reply_id))
+                continue
+            if now >= reply.deadline:
+                log.info("no avatar_stop_talking for task %s; taking it as spoken", reply.task_id,
+                         extra={"sid": self.sid})
+                reply.done = True
+                return
+            wake = reply.deadline if reply.announced else min(reply.deadline, reply.announce_at)
+            reply.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reply.changed.wait(), wake - now)
+
+    async def _interrupt_vendor(self, vendor: _Vendor) -> None:
+        try:
+            await self.client.interrupt(vendor.session_id)
+        except HeyGenError as exc:
+            if exc.gone:
+                await asyncio.shield(self._lost(vendor, "interrupt"))
+            else:
+                log.warning("HeyGen interrupt failed: %s", exc, extra={"sid": self.sid})
+
+    async def _task_failed(self, vendor: _Vendor, exc: HeyGenError) -> None:
+        if exc.gone or exc.auth:
+            await asyncio.shield(self._lost(vendor, "task", avatar_error(exc) if exc.auth else None))
+            return
+        log.warning("HeyGen task failed: %s", exc, extra={"sid": self.sid})
+        error = ErrorEvent(code="avatar_speak_failed", message="the avatar could not say that; please try again")
+        await self.bus.publish_event(self.sid, error)
+
+    async def _lost(self, vendor: _Vendor, during: str, error: AvatarError | None = None) -> None:
+        """The vendor session died under us: tell the user and end the session (once)."""
+        if self._lost_once or self._stopped:
+            return
+        self._lost_once = True
+        log.error("HeyGen session %s is gone (seen on %s); ending the session", vendor.session_id, during,
+                  extra={"sid": self.sid})
+        error = error or AvatarError("avatar_lost", "the avatar session ended unexpectedly")
+        await self.bus.publish_event(self.sid, error.event())
+        await self.store.end(self.sid, error.code)
+
+    def _keep_alive_while_served(self) -> None:
+        """Keep-alive from now until this worker stops serving the session, however that happens."""
+        assert self.vendor is not None
+        self._keepalive = asyncio.create_task(self._keepalive_loop(self.vendor), name=f"heygen-keepalive:{self.sid}")
+        self.driver.served.add(self)
+        owner = asyncio.current_task()
+        if owner is not None:
+            owner.add_done_callback(lambda _task: self.release())
+
+    async def _keepalive_loop(self, vendor: _Vendor) -> None:
+        while True:
+            await asyncio.sleep(self.options.keepalive_s)
+            try:
+                await self.client.keep_alive(vendor.session_id, retries=1)
+            except HeyGenError as exc:
+                if exc.gone or exc.auth:
+                    await asyncio.shield(self._lost(vendor, "keep-alive", avatar_error(exc) if exc.auth else None))
+                    return
+                log.warning("HeyGen keep-alive failed (%s); trying again next time", exc, extra={"sid": self.sid})
+
+    async def _resume(self) -> _Vendor | None:
+        """The vendor session a previous owner left in the session hash, if it is still alive."""
+        record = await self.store.get(self.sid) or {}
+        vendor_id = record.get(F_VENDOR_ID)
+        if not vendor_id:
+            return None
+        url, token = record.get(F_LIVEKIT_URL), record.get(F_LIVEKIT_TOKEN)
+        if record.get(F_STARTED) == "1" and url and token:
+            try:
+                await self.client.keep_alive(vendor_id)
+            except HeyGenError as exc:
+                if exc.auth:
+                    raise
+                log.warning("HeyGen session %s cannot be resumed (%s); starting a new one", vendor_id, exc,
+                            extra={"sid": self.sid})
+            else:
+                log.info("resumed HeyGen session %s", vendor_id, extra={"sid": self.sid})
+                return _Vendor(vendor_id, url, token)
+        await self._discard(vendor_id)
+        return None
+
+    async def _create(self) -> _Vendor:
+        knowledge = await self.driver.knowledge.resolve() if self.options.task_type == "talk" else Knowledge()
+        token = await self.client.create_token()
+        try:
+            created = await self.client.new_session(token, self._new_body(knowledge))
+        except HeyGenError as exc:
+            if knowledge.id and "knowledge" in exc.message.lower():
+                await self.driver.knowledge.forget()
+            raise
+        # Recorded before `start`: a takeover from here on resumes it, and the reaper leaves it alone.
+        await self.store.set_fields(self.sid, **{
+            F_VENDOR_ID: created.session_id, F_LIVEKIT_URL: created.url,
+            F_LIVEKIT_TOKEN: created.access_token, F_STARTED: "0",
+        })
+        try:
+            await self.client.start(created.session_id, token)
+        except HeyGenError:
+            await self._discard(created.session_id)
+            raise
+        await self.store.set_fields(self.sid, **{F_STARTED: "1"})
+        log.info("started HeyGen session %s", created.session_id, extra={"sid": self.sid})
+        return _Vendor(created.session_id, created.url, created.access_token)
+
+    def _new_body(self, knowledge: Knowledge) -> dict[str, Any]:
+        o = self.options
+        body: dict[str, Any] = {
+            "version": "v2",
+            "quality": o.quality,
+            "language": self.config.language,
+            "activity_idle_timeout": o.idle_timeout_s,
+        }
+        avatar_id = self.config.avatar_id or o.avatar_id
+        if avatar_id:
+            body["avatar_id"] = avatar_id
+        voice: dict[str, Any] = {"rate": o.voice_rate}
+        if self.config.voice_id or o.voice_id:
+            voice["voice_id"] = self.config.voice_id or o.voice_id
+        if o.voice_emotion:
+            voice["emotion"] = o.voice_emotion
+        body["voice"] = voice
+        if knowledge.id:
+            body["knowledge_base_id"] = knowledge.id
+        elif knowledge.prompt:
+            body["knowledge_base"] = knowledge.prompt
+        return body
+
+    async def _discard(self, vendor_id: str) -> None:
+        """Drop a vendor session we will not use; if stopping fails, the reaper gets it (no longer owned)."""
+        try:
+            await self.client.stop(vendor_id)
+        except HeyGenError as exc:
+            log.warning("could not stop HeyGen session %s (%s)", vendor_id, exc, extra={"sid": self.sid})
+        await self.bus.r.hdel(keys.session(self.sid), *VENDOR_FIELDS)
+
+    async def _stored_vendor_id(self) -> str | None:
+        with contextlib.suppress(RedisError):
+            raw = await self.bus.r.hget(keys.session(self.sid), F_VENDOR_ID)
+            return raw.decode() if raw else None
+        return None
