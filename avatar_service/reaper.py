@@ -84,7 +84,7 @@ async def run_reaper(r: aioredis.Redis, settings: Settings, stop: asyncio.Event)
     me = uuid.uuid4().hex
     first_seen: dict[str, float] = {}
     lock_ms = max(1, int(options.reaper_interval_s * 900))  # a little under the interval
-    log.info("HeyGen reaper on: every %.0f s, grace %.0f s", options.reaper_interval_s, options.reaper_grace_s)
+    log.info("HeyGen reaper on: every %g s, grace %g s", options.reaper_interval_s, options.reaper_grace_s)
     try:
         while not stop.is_set():
             try:

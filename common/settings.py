@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     # Local engines
     local_stt_model: str = Field(default="", description="CTranslate2 Whisper folder; empty = bundled tiny.en")
     local_stt_threads: int = 2
-    # Words the recognizer should expect (Whisper's initial prompt): names it would otherwise miss.
+    # Words the recognizer should expect (Whisper hotwords): names it would otherwise miss.
     local_stt_prompt: str = "Avatar Stack, avatar-stack, LiveKit, HeyGen, Deepgram, Redis."
     local_tts_voice: str = Field(default="", description="piper .onnx voice; empty = bundled en_US-joe-medium")
     knowledge_file: str = Field(default="", description="Q&A file for the local responder; empty = bundled")

@@ -72,7 +72,7 @@ CODE_INVALID_CREDENTIALS = 40009
 CODE_WRONG_STATE = 400006
 CODE_SESSION_NOT_FOUND = 10005
 CODE_AVATAR_NOT_FOUND = 10013
-START_FALLBACK_S = 1.5  # with no relayed events, announce `started_talking` this long after a task is accepted
+START_FALLBACK_S = 1.5  # for a page that relays nothing: announce `started_talking` this long after a task
 UNKNOWN_DURATION_S = 30.0  # fallback when a task response has no usable `duration_ms`
 INTERRUPT_TIMEOUT_S = 2.0  # below the worker's wait for an interrupted reply
 RECENT_TASK_EVENTS = 64
@@ -463,7 +463,10 @@ class HeyGenAvatarDriver:
                  client: HeyGenClient | None = None) -> None:
         self.settings = settings
         self.bus = bus
-        self.options = options or HeyGenOptions.from_settings(settings)
+        try:
+            self.options = options or HeyGenOptions.from_settings(settings)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
         if not self.options.api_key:
             raise SystemExit("AVATAR_PROVIDER=heygen needs HEYGEN_API_KEY")
         self.client = client or HeyGenClient(
@@ -496,7 +499,7 @@ class _Reply:
 
     reply_id: str
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    task_id: str | None = None
+    task_id: str | None = None  # "" when the vendor gave none: then only untagged events match
     accepted: bool = False  # the vendor took at least one task of this reply
     done: bool = False  # the current task has been spoken (or cut short)
     interrupted: bool = False
@@ -527,6 +530,7 @@ class HeyGenAvatarSession:
         self._stopped = False
         self._lost_once = False
         self._talking = False  # from relayed events
+        self._page_relays = False  # the page has relayed at least one talking event
         self._started_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
         self._stopped_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
 
@@ -572,11 +576,12 @@ class HeyGenAvatarSession:
         if not vendor_id:
             return
         try:
-            await self.client.stop(vendor_id)
+            stopped = await self.client.stop(vendor_id)
         except HeyGenError as exc:
             log.error("could not stop HeyGen session %s (%s); the reaper will", vendor_id, exc, extra={"sid": self.sid})
             return
-        log.info("stopped HeyGen session %s (%s)", vendor_id, reason, extra={"sid": self.sid})
+        what = "stopped" if stopped else "found already gone"
+        log.info("%s HeyGen session %s (%s)", what, vendor_id, reason, extra={"sid": self.sid})
         with contextlib.suppress(RedisError):
             await self.bus.r.hdel(keys.session(self.sid), *VENDOR_FIELDS)
 
@@ -640,6 +645,8 @@ class HeyGenAvatarSession:
         task_id = str(data["task_id"]) if data.get("task_id") is not None else None
         reply = self._reply
         now = asyncio.get_running_loop().time()
+        if event in ("avatar_start_talking", "avatar_stop_talking"):
+            self._page_relays = True
         if event == "avatar_start_talking":
             self._talking = True
             if task_id:
@@ -667,16 +674,17 @@ class HeyGenAvatarSession:
 
     def _accept(self, reply: _Reply, result: TaskResult) -> None:
         now = asyncio.get_running_loop().time()
-        reply.task_id = result.task_id or None
+        reply.task_id = result.task_id
         reply.accepted = True
         reply.done = False
         reply.started_at = None
         reply.duration_s = result.duration_s or UNKNOWN_DURATION_S
         reply.deadline = now + reply.duration_s + self.options.stop_grace_s
-        reply.announce_at = now + START_FALLBACK_S
-        if result.task_id in self._started_tasks:  # the relay outran the task response
+        # A relaying page tells when the avatar really starts (after HeyGen's LLM, in `talk`).
+        reply.announce_at = reply.deadline if self._page_relays else now + START_FALLBACK_S
+        if result.task_id and result.task_id in self._started_tasks:  # the relay outran the task response
             self._mark_started(reply, now)
-        if result.task_id in self._stopped_tasks:
+        if result.task_id and result.task_id in self._stopped_tasks:
             reply.done = True
 
     def _mark_started(self, reply: _Reply, now: float) -> None:

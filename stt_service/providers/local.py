@@ -196,7 +196,7 @@ class _Whisper:
         segments, _ = self.model.transcribe(
             audio, language=language, task="transcribe", beam_size=1, temperature=0.0,
             without_timestamps=True, condition_on_previous_text=False, vad_filter=False,
-            max_new_tokens=max_new_tokens, initial_prompt=self.settings.local_stt_prompt or None,
+            max_new_tokens=max_new_tokens, hotwords=self.settings.local_stt_prompt or None,
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
 
