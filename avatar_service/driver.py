@@ -8,14 +8,33 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from common.models import SessionConfig
+from common.models import ErrorEvent, SessionConfig
+
+
+class AvatarError(Exception):
+    """A failure the user must be told about; `code`/`message` become an `error` event as they are."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = True) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+    def event(self) -> ErrorEvent:
+        return ErrorEvent(code=self.code, message=self.message, fatal=self.fatal)
 
 
 class AvatarSession(Protocol):
-    async def start(self) -> None:
-        """Start the avatar and publish `session.ready` (LiveKit url/token for cloud avatars)."""
+    answers_itself: bool
+    """True when the vendor writes the answer itself (HeyGen `talk` with its knowledge base): the
+    worker then passes the user's words and publishes no reply text of its own."""
 
-    async def speak(self, reply_id: str, text: str) -> None:
+    async def start(self) -> None:
+        """Start the avatar and publish `session.ready` (LiveKit url/token for cloud avatars).
+
+        Raises `AvatarError` (already published to the browser) when it cannot start."""
+
+    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
         """Speak `text`; returns when the avatar has finished saying it, or soon after `interrupt()`."""
 
     async def interrupt(self) -> None:

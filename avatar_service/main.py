@@ -8,6 +8,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from avatar_service.providers import make_driver
+from avatar_service.reaper import run_reaper
 from avatar_service.responder import LocalResponder
 from avatar_service.worker import AvatarWorker
 from common.bus import Bus
@@ -23,6 +24,14 @@ def run(settings: Settings | None = None) -> None:
     async def runner(r: aioredis.Redis, stop: asyncio.Event) -> None:
         driver = await asyncio.to_thread(make_driver, settings, Bus(r, settings))
         responder = LocalResponder(Path(settings.knowledge_file or DEFAULT_KNOWLEDGE))
-        await AvatarWorker(r, settings, driver, responder).run(stop)
+        # Vendor sessions that no live session owns (a crash between create and record, a lost
+        # Redis) cost money: the reaper stops them.
+        reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name == "heygen" else None
+        try:
+            await AvatarWorker(r, settings, driver, responder).run(stop)
+        finally:
+            if reaper is not None:
+                reaper.cancel()
+                await asyncio.gather(reaper, return_exceptions=True)
 
     run_service("avatar", settings, runner)

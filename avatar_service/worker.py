@@ -16,7 +16,7 @@ from collections import deque
 
 import redis.asyncio as aioredis
 
-from avatar_service.driver import AvatarDriver, AvatarSession
+from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
 from avatar_service.responder import LocalResponder
 from common import keys
 from common.bus import Bus
@@ -68,7 +68,13 @@ class AvatarWorker:
         avatar = await self.driver.open(sid, config, resumed=job.taken_over)
         ended = False
         try:
-            await avatar.start()
+            try:
+                await avatar.start()
+            except AvatarError as exc:  # the driver already told the browser why
+                log.warning("avatar did not start: %s", exc.code, extra={"sid": sid})
+                await self.store.end(sid, exc.code)
+                ended = True
+                return
             await self.store.set_fields(sid, **{keys.F_STATE: STATE_LIVE})
             ended = await _Conversation(self, sid, avatar).run()
         finally:
@@ -152,10 +158,14 @@ class _Conversation:
                     pipe.expire(answered, int(self.w.settings.session_max_s) + 60)
                     await pipe.execute()
                 reply_id = f"r-{turn.turn_id}"
-                text = self.w.responder.reply(turn.text)
-                reply = AvatarReply(reply_id=reply_id, turn_id=turn.turn_id, text=text)
-                await self.w.bus.publish_event(self.sid, reply)
-                self.speaking = asyncio.create_task(self.avatar.speak(reply_id, text))
+                if self.avatar.answers_itself:  # the vendor writes the answer from what was said
+                    speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
+                else:
+                    text = self.w.responder.reply(turn.text)
+                    reply = AvatarReply(reply_id=reply_id, turn_id=turn.turn_id, text=text)
+                    await self.w.bus.publish_event(self.sid, reply)
+                    speech = self.avatar.speak(reply_id, text, user_text=turn.text)
+                self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
                 except asyncio.CancelledError:

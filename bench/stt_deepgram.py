@@ -15,7 +15,7 @@ The split shown next to the total uses the event's `ts` (unix ms, stamped by the
 it builds `transcript.final`) against the fake's wall-clock send time: "worker" is Deepgram socket
 -> event built, "bus+gw" is Redis -> gateway -> browser WebSocket. Millisecond resolution only.
 
-    .venv/bin/python -m bench.stt_deepgram [--sessions 1,50] [--utterances 10]
+    .venv/bin/python -m bench.stt_deepgram [--sessions 1,50] [--utterances 10] [--repeat 1] [--details f.json]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def run_round(
     await asyncio.gather(*(b.connect() for b in browsers))
     result = Round(n)
     sampler = asyncio.create_task(sample(pids, result))
-    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()} | {"bench": time.process_time()}
+    cpu_before = {name: cpu_s(pid) for name, pid in pids.items()} | {"bench": time.process_time(), "all": busy_s()}
     started = time.monotonic()
     try:
         await asyncio.gather(
@@ -143,8 +143,10 @@ async def run_round(
         elapsed = time.monotonic() - started
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
-        cpu_after = {name: cpu_s(pid) for name, pid in pids.items()} | {"bench": time.process_time()}
+        cpu_after = {name: cpu_s(pid) for name, pid in pids.items()} | {"bench": time.process_time(), "all": busy_s()}
         result.cpu_pct = {k: round(100 * (cpu_after[k] - cpu_before[k]) / elapsed, 1) for k in cpu_after}
+        ours = sum(v for k, v in result.cpu_pct.items() if k != "all")
+        result.cpu_pct["others"] = round(max(0.0, result.cpu_pct["all"] - ours), 1)
         await asyncio.gather(*(b.close() for b in browsers))
     for browser, (_, texts) in zip(browsers, scripts, strict=True):
         finals = {f["text"]: f for f in browser.of_type("transcript.final")}
@@ -191,6 +193,14 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, every process) so far."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
 
 
 def pct(values: list[float], q: float) -> float:
@@ -256,7 +266,7 @@ def report(rounds: list[Round]) -> None:
     print("\nfake Deepgram sends an utterance's closing result -> transcript.final at the browser (ms)")
     print(f"{'sessions':>8s} {'finals':>6s} {'median':>7s} {'p99':>7s} {'max':>7s} | "
           f"{'worker med':>10s} {'worker p99':>10s} | {'stt RSS':>7s} {'gw RSS':>7s} | "
-          f"{'stt CPU':>7s} {'gw CPU':>7s} {'redis':>6s} {'bench':>6s}")
+          f"{'stt CPU':>7s} {'gw CPU':>7s} {'redis':>6s} {'bench':>6s} {'others':>6s} (of {os.cpu_count()} cores)")
     for r in rounds:
         lat, inner = r.latencies, r.in_worker
         print(
@@ -264,12 +274,12 @@ def report(rounds: list[Round]) -> None:
             f"{max(lat) * ms:7.1f} | {statistics.median(inner) * ms:10.1f} {pct(inner, 0.99) * ms:10.1f} | "
             f"{r.rss_peak_mb['stt-worker']:6.0f}M {r.rss_peak_mb['gateway']:6.0f}M | "
             f"{r.cpu_pct['stt-worker']:6.0f}% {r.cpu_pct['gateway']:6.0f}% {r.cpu_pct['redis']:5.0f}% "
-            f"{r.cpu_pct['bench']:5.0f}%"
+            f"{r.cpu_pct['bench']:5.0f}% {r.cpu_pct['others']:5.0f}%"
         )
         if r.missing or r.wrong:
             print(f"{'':8s} !! {r.missing} utterance(s) without their final, {r.wrong} final(s) with other text")
-    print("(worker = fake send -> event built in the STT worker; RSS = peak while talking; "
-          "CPU = share of one core while talking; bench = browsers + fake, this process)")
+    print("(worker = fake send -> event built in the STT worker; RSS = peak while talking; CPU = share of one core\n"
+          " while talking; bench = browsers + fake, this process; others = every other process on the machine)")
     print(json.dumps({"stt_deepgram": [{
         "sessions": r.sessions, "finals": len(r.latencies), "missing": r.missing, "wrong": r.wrong,
         "median_ms": round(statistics.median(r.latencies) * ms, 1), "p99_ms": round(pct(r.latencies, 0.99) * ms, 1),
@@ -285,9 +295,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", default="1,50", help="comma-separated concurrent session counts")
     parser.add_argument("--utterances", type=int, default=10, help="utterances per session")
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole list this many times")
     parser.add_argument("--details", help="write every utterance's timings to this JSON file")
     args = parser.parse_args()
-    counts = [int(c) for c in args.sessions.split(",")]
+    counts = [int(c) for c in args.sessions.split(",")] * args.repeat
     redis_port = free_port()
     redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
     try:
@@ -300,7 +311,7 @@ def main() -> None:
     report(rounds)
     if args.details:
         with open(args.details, "w") as f:
-            json.dump({r.sessions: r.samples for r in rounds}, f, indent=1)
+            json.dump([{"sessions": r.sessions, "utterances": r.samples} for r in rounds], f, indent=1)
 
 
 if __name__ == "__main__":

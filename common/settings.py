@@ -37,6 +37,18 @@ class Settings(BaseSettings):
     heygen_avatar_id: str = ""
     heygen_voice_id: str = ""
     heygen_knowledge_base_id: str = ""
+    heygen_task_type: Literal["talk", "repeat"] = "talk"  # talk: HeyGen answers from its knowledge base
+    heygen_quality: Literal["low", "medium", "high"] = "medium"
+    heygen_voice_rate: float = Field(default=1.0, gt=0.4, le=2.0)
+    heygen_voice_emotion: str = ""  # Excited | Serious | Friendly | Soothing | Broadcaster
+    heygen_task_max_chars: int = Field(default=900, ge=50, le=1000)
+    heygen_idle_timeout_s: int = Field(default=300, ge=30, le=3600)
+    heygen_keepalive_s: float = Field(default=60.0, gt=0)
+    heygen_stop_grace_s: float = Field(default=2.0, ge=0)
+    heygen_http_timeout_s: float = Field(default=10.0, ge=1)
+    heygen_kb_prompt_file: str = ""  # empty = the bundled knowledge file
+    heygen_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
+    heygen_reaper_grace_s: float = Field(default=60.0, ge=0)
     liveavatar_api_key: SecretStr | None = None
     liveavatar_server_url: str = "https://api.liveavatar.com"
 

@@ -46,9 +46,11 @@ export class CloudAvatar {
   }
 
   async connect(url, token) {
-    if (this.room && this.url === url) return; // session.ready replayed after a reconnect
+    // session.ready replayed after a reconnect: same room. A new token means a new vendor session.
+    if (this.room && this.url === url && this.token === token) return;
     await this.disconnect();
     this.url = url;
+    this.token = token;
     this.onState("connecting");
     let lk;
     try {

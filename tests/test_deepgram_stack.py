@@ -230,3 +230,42 @@ async def test_silence_sends_finalize_and_session_end_sends_close_stream(redis_u
     assert conn.frames[-1] == "CloseStream"
     assert conn.close_code == 1000
     assert of_type(browser, "transcript.final") == [final]
+
+
+async def test_owner_killed_mid_utterance_loses_and_repeats_no_words(redis_url: str, fake: FakeDeepgram) -> None:
+    first = Speech().pause(0.3).say("good morning to you").pause(0.2)
+    second = Speech().pause(0.3).say("please tell me all about green apples and red pears").pause(0.2)
+    trailing_s = 1.5
+    async with deepgram_stack(redis_url, fake) as stack:
+        await asyncio.to_thread(stack.start, "stt-worker")
+        await asyncio.to_thread(stack.wait_workers, "stt", 2)
+        browser = await open_browser(stack)
+        sid = browser.session.session_id
+        await browser.stream(first.pcm, trailing_silence_s=trailing_s)
+        final_1 = await browser.wait_type("transcript.final", WAIT_S)
+
+        talking = asyncio.create_task(browser.stream(second.pcm, trailing_silence_s=trailing_s))
+        # Kill the owner once Deepgram has sent pieces of the second utterance, but before its final.
+        await browser.wait_for(
+            lambda e: e.get("type") == "transcript.interim" and e["utterance_id"] != final_1["utterance_id"]
+            and len(e["text"].split()) >= 3
+        )
+        assert not talking.done()
+        owner = stack.redis().hget(keys.session(sid), keys.F_STT_OWNER).decode()
+        [victim] = [name for name, proc in stack.procs.items() if proc.pid == int(owner.split("-")[-2])]
+        await asyncio.to_thread(stack.kill, victim)
+        await talking
+        final_2 = await browser.wait_for(
+            lambda e: e.get("type") == "transcript.final" and e["utterance_id"] != final_1["utterance_id"]
+        )
+        await browser.wait_for(lambda e: e.get("type") == "avatar.reply" and e["turn_id"] == final_2["utterance_id"])
+        await end_session(browser)
+
+    old, new = fake.connections
+    assert 0 < len(heard(old)) - len(first.words) < len(second.words)  # the old socket heard part of it
+    assert heard(new) == second.text.split()  # the new one all of it, from the replayed audio
+    assert [f["text"] for f in of_type(browser, "transcript.final")] == [first.text, second.text]
+    second_at = first.duration_s + trailing_s
+    assert final_2["start_s"] == pytest.approx(second_at + second.words[0].start_s, abs=0.002)
+    replies = [e["turn_id"] for e in of_type(browser, "avatar.reply")]
+    assert replies == [final_1["utterance_id"], final_2["utterance_id"]]

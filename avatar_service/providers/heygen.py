@@ -30,16 +30,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatar_service.driver import AvatarError
 from avatar_service.responder import split_sentences
 from common import keys
 from common.bus import Bus
@@ -77,18 +77,6 @@ UNKNOWN_DURATION_S = 30.0  # fallback when a task response has no usable `durati
 INTERRUPT_TIMEOUT_S = 2.0  # below the worker's wait for an interrupted reply
 RECENT_TASK_EVENTS = 64
 
-T = TypeVar("T", int, float, str)
-
-
-def _opt(settings: Settings, name: str, default: T) -> T:
-    """A HeyGen setting: from `Settings` once it has the field, until then from the environment."""
-    if hasattr(settings, name):
-        value = getattr(settings, name)
-    else:
-        value = os.environ.get(name.upper(), default)
-    return type(default)(value)
-
-
 @dataclass(frozen=True)
 class HeyGenOptions:
     """Everything the driver reads from the settings, checked once."""
@@ -114,14 +102,14 @@ class HeyGenOptions:
     @classmethod
     def from_settings(cls, settings: Settings) -> HeyGenOptions:
         key = settings.heygen_api_key.get_secret_value() if settings.heygen_api_key else ""
-        task_type = _opt(settings, "heygen_task_type", "talk").lower()
+        task_type = settings.heygen_task_type.lower()
         if task_type not in ("talk", "repeat"):
             raise ValueError(f"HEYGEN_TASK_TYPE must be talk or repeat, not {task_type!r}")
-        quality = _opt(settings, "heygen_quality", "medium").lower()
+        quality = settings.heygen_quality.lower()
         if quality not in ("low", "medium", "high"):
             raise ValueError(f"HEYGEN_QUALITY must be low, medium or high, not {quality!r}")
-        idle = min(3600, max(30, _opt(settings, "heygen_idle_timeout_s", 300)))  # the vendor's range
-        keepalive = _opt(settings, "heygen_keepalive_s", 60.0)
+        idle = min(3600, max(30, settings.heygen_idle_timeout_s))  # the vendor's range
+        keepalive = settings.heygen_keepalive_s
         if not 0 < keepalive <= idle / 2:
             log.warning("HEYGEN_KEEPALIVE_S=%s is not well inside the %d s idle timeout; using %d s",
                         keepalive, idle, idle // 3)
@@ -133,34 +121,21 @@ class HeyGenOptions:
             voice_id=settings.heygen_voice_id,
             knowledge_base_id=settings.heygen_knowledge_base_id,
             quality=quality,
-            voice_rate=_opt(settings, "heygen_voice_rate", 1.0),
-            voice_emotion=_opt(settings, "heygen_voice_emotion", ""),
+            voice_rate=settings.heygen_voice_rate,
+            voice_emotion=settings.heygen_voice_emotion,
             task_type=task_type,
-            task_max_chars=max(50, _opt(settings, "heygen_task_max_chars", 900)),
+            task_max_chars=max(50, settings.heygen_task_max_chars),
             idle_timeout_s=idle,
             keepalive_s=keepalive,
-            stop_grace_s=max(0.0, _opt(settings, "heygen_stop_grace_s", 2.0)),
-            http_timeout_s=max(1.0, _opt(settings, "heygen_http_timeout_s", 10.0)),
-            kb_prompt_file=_opt(settings, "heygen_kb_prompt_file", ""),
-            reaper_interval_s=_opt(settings, "heygen_reaper_interval_s", 120.0),
-            reaper_grace_s=max(0.0, _opt(settings, "heygen_reaper_grace_s", 60.0)),
+            stop_grace_s=max(0.0, settings.heygen_stop_grace_s),
+            http_timeout_s=max(1.0, settings.heygen_http_timeout_s),
+            kb_prompt_file=settings.heygen_kb_prompt_file,
+            reaper_interval_s=settings.heygen_reaper_interval_s,
+            reaper_grace_s=max(0.0, settings.heygen_reaper_grace_s),
         )
 
 
 # ---------------------------------------------------------------- errors
-
-
-class AvatarError(Exception):
-    """A failure the user must be told about; `code`/`message` become an `error` event as they are."""
-
-    def __init__(self, code: str, message: str, *, fatal: bool = True) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.fatal = fatal
-
-    def event(self) -> ErrorEvent:
-        return ErrorEvent(code=self.code, message=self.message, fatal=self.fatal)
 
 
 class HeyGenError(Exception):

@@ -48,6 +48,8 @@ class LocalAvatarDriver:
 
 
 class LocalAvatarSession:
+    answers_itself = False
+
     def __init__(self, driver: LocalAvatarDriver, sid: str) -> None:
         self.driver = driver
         self.bus = driver.bus
@@ -64,7 +66,7 @@ class LocalAvatarSession:
             ),
         )
 
-    async def speak(self, reply_id: str, text: str) -> None:
+    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
         """Publish the reply chunk by chunk; return when the page has played it or on interrupt.
 
         Interruption is cooperative (`interrupt()` sets a flag this loop watches) rather than
