@@ -11,9 +11,13 @@ this process) stamps the closing message of every utterance with `time.monotonic
 it; the browsers stamp each `transcript.final` as it arrives (`Browser._rx`, also monotonic).
 Utterance texts carry the round, session and utterance number, so the two sides match by text.
 
-The split shown next to the total uses the event's `ts` (unix ms, stamped by the STT worker when
-it builds `transcript.final`) against the fake's wall-clock send time: "worker" is Deepgram socket
--> event built, "bus+gw" is Redis -> gateway -> browser WebSocket. Millisecond resolution only.
+The "worker" columns split that total: the event's `ts` (unix ms, stamped by the STT worker when it
+builds `transcript.final`) against the fake's wall-clock send time, i.e. Deepgram socket -> event
+built; the rest of the total is Redis -> gateway -> browser WebSocket. `ts` is whole milliseconds,
+so that split is good to about a millisecond.
+
+Every process here shares the machine's cores, the load generator too: the "others" column shows
+how busy the rest of the machine was, which on a shared box moves the numbers more than anything.
 
     .venv/bin/python -m bench.stt_deepgram [--sessions 1,50] [--utterances 10] [--repeat 1] [--details f.json]
 """
@@ -102,7 +106,8 @@ class Round:
     samples: list[dict[str, Any]] = field(default_factory=list)  # one per utterance, for --details
     missing: int = 0  # utterances without a matching final at the browser
     wrong: int = 0  # finals whose text was not one utterance exactly
-    rss_peak_mb: dict[str, float] = field(default_factory=dict)
+    rss_start_mb: dict[str, float] = field(default_factory=dict)  # before the round's sessions talk
+    rss_peak_mb: dict[str, float] = field(default_factory=dict)  # the most while they talk
     cpu_pct: dict[str, float] = field(default_factory=dict)
     loop_lag_p99_ms: float = 0.0  # how late this process's own event loop woke up (measuring error)
 
@@ -131,7 +136,7 @@ async def run_round(
     scripts = [script(round_no, i, utterances, rng.uniform(0.0, cycle_s)) for i in range(n)]
     browsers = [Browser(await create_session(base_url)) for _ in range(n)]
     await asyncio.gather(*(b.connect() for b in browsers))
-    result = Round(n)
+    result = Round(n, rss_start_mb={name: rss_mb(pid) for name, pid in pids.items()})
     sampler = asyncio.create_task(sample(pids, result))
     cpu_before = {name: cpu_s(pid) for name, pid in pids.items()} | {"bench": time.process_time(), "all": busy_s()}
     started = time.monotonic()
@@ -157,11 +162,12 @@ async def run_round(
                 result.missing += 1
                 continue
             result.latencies.append(final["_rx"] - sent.mono)
-            result.in_worker.append(final["ts"] / 1000 - sent.wall)
+            built = (final["ts"] + 0.5) / 1000  # `ts` is floored to the millisecond: centre it
+            result.in_worker.append(built - sent.wall)
             result.samples.append({
                 "text": text, "sent_s": round(sent.mono - started, 4), "connection": sent.connection,
                 "total_ms": round((final["_rx"] - sent.mono) * 1000, 2),
-                "worker_ms": round((final["ts"] / 1000 - sent.wall) * 1000, 2),
+                "worker_ms": round((built - sent.wall) * 1000, 2),
             })
     return result
 
@@ -265,30 +271,38 @@ def report(rounds: list[Round]) -> None:
     ms = 1000
     print("\nfake Deepgram sends an utterance's closing result -> transcript.final at the browser (ms)")
     print(f"{'sessions':>8s} {'finals':>6s} {'median':>7s} {'p99':>7s} {'max':>7s} | "
-          f"{'worker med':>10s} {'worker p99':>10s} | {'stt RSS':>7s} {'gw RSS':>7s} | "
-          f"{'stt CPU':>7s} {'gw CPU':>7s} {'redis':>6s} {'bench':>6s} {'others':>6s} (of {os.cpu_count()} cores)")
+          f"{'worker med':>10s} {'worker p99':>10s} | {'stt RSS MB':>10s} {'gw RSS MB':>10s} | "
+          f"{'stt CPU':>7s} {'gw CPU':>7s} {'redis':>6s} {'bench':>6s} {'others':>6s} | {'lag p99':>7s}")
     for r in rounds:
         lat, inner = r.latencies, r.in_worker
         print(
             f"{r.sessions:8d} {len(lat):6d} {statistics.median(lat) * ms:7.1f} {pct(lat, 0.99) * ms:7.1f} "
             f"{max(lat) * ms:7.1f} | {statistics.median(inner) * ms:10.1f} {pct(inner, 0.99) * ms:10.1f} | "
-            f"{r.rss_peak_mb['stt-worker']:6.0f}M {r.rss_peak_mb['gateway']:6.0f}M | "
+            f"{rss(r, 'stt-worker'):>10s} {rss(r, 'gateway'):>10s} | "
             f"{r.cpu_pct['stt-worker']:6.0f}% {r.cpu_pct['gateway']:6.0f}% {r.cpu_pct['redis']:5.0f}% "
-            f"{r.cpu_pct['bench']:5.0f}% {r.cpu_pct['others']:5.0f}%"
+            f"{r.cpu_pct['bench']:5.0f}% {r.cpu_pct['others']:5.0f}% | {r.loop_lag_p99_ms:7.1f}"
         )
         if r.missing or r.wrong:
             print(f"{'':8s} !! {r.missing} utterance(s) without their final, {r.wrong} final(s) with other text")
-    print("(worker = fake send -> event built in the STT worker; RSS = peak while talking; CPU = share of one core\n"
-          " while talking; bench = browsers + fake, this process; others = every other process on the machine)")
+    print(
+        "(worker = fake send -> event built in the STT worker; RSS = before -> peak while talking; CPU = share of\n"
+        f" one core while talking, {os.cpu_count()} cores; bench = browsers + fake, this process; others = every"
+        " other process\n on the machine; lag p99 = how late this process's event loop woke, in ms: measuring error)"
+    )
     print(json.dumps({"stt_deepgram": [{
         "sessions": r.sessions, "finals": len(r.latencies), "missing": r.missing, "wrong": r.wrong,
         "median_ms": round(statistics.median(r.latencies) * ms, 1), "p99_ms": round(pct(r.latencies, 0.99) * ms, 1),
         "max_ms": round(max(r.latencies) * ms, 1),
         "worker_median_ms": round(statistics.median(r.in_worker) * ms, 1),
         "worker_p99_ms": round(pct(r.in_worker, 0.99) * ms, 1),
+        "rss_start_mb": {k: round(v, 1) for k, v in r.rss_start_mb.items()},
         "rss_peak_mb": {k: round(v, 1) for k, v in r.rss_peak_mb.items()},
         "cpu_pct": r.cpu_pct, "bench_loop_lag_p99_ms": r.loop_lag_p99_ms,
     } for r in rounds]}))
+
+
+def rss(r: Round, name: str) -> str:
+    return f"{r.rss_start_mb[name]:.0f}->{r.rss_peak_mb[name]:.0f}"
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -61,10 +60,6 @@ async def end_session(browser: Browser) -> None:
     await browser.close()
 
 
-def of_type(browser: Browser, kind: str) -> list[dict[str, Any]]:
-    return browser.of_type(kind)
-
-
 def heard(conn: FakeConnection) -> list[str]:
     """Every word the fake recognized on one socket, from its `is_final` results, in order."""
     return [
@@ -72,6 +67,19 @@ def heard(conn: FakeConnection) -> list[str]:
         for m in conn.sent_of("Results") if m["is_final"]
         for w in m["channel"]["alternatives"][0]["words"]
     ]
+
+
+async def stt_owner(stack: Stack, sid: str) -> str:
+    return (await asyncio.to_thread(lambda: stack.redis().hget(keys.session(sid), keys.F_STT_OWNER))).decode()
+
+
+async def kill_stt_owner(stack: Stack, sid: str) -> str:
+    """kill -9 the STT worker that owns the session; returns the owner's consumer name."""
+    owner = await stt_owner(stack, sid)
+    pid = int(owner.split("-")[-2])
+    [victim] = [name for name, proc in stack.procs.items() if proc.pid == pid]
+    await asyncio.to_thread(stack.kill, victim)
+    return owner
 
 
 async def wait_closed(conn: FakeConnection) -> None:
@@ -99,22 +107,22 @@ async def test_spoken_utterance_gives_one_final_with_every_word_and_one_reply(
     pieces = [m for m in conn.sent_of("Results") if m["is_final"] and m["channel"]["alternatives"][0]["transcript"]]
     assert len(pieces) == 4
     # ... which reach the browser as exactly one final, every word once, at the right session time.
-    [only] = of_type(browser, "transcript.final")
+    [only] = browser.of_type("transcript.final")
     assert only["id"] == final["id"]
     assert final["text"] == speech.text
     assert final["start_s"] == pytest.approx(speech.words[0].start_s, abs=0.002)
     assert final["end_s"] == pytest.approx(speech.words[-1].end_s, abs=0.002)
     # Interims came first, all of the same utterance, each a prefix of the final (no repeated words).
     position = browser.events.index(final)
-    interims = of_type(browser, "transcript.interim")
+    interims = browser.of_type("transcript.interim")
     assert interims and all(browser.events.index(e) < position for e in interims)
     assert {e["utterance_id"] for e in interims} == {final["utterance_id"]}
     assert all(speech.text.startswith(e["text"]) for e in interims)
     assert interims[-1]["text"] == speech.text
     # The avatar answered that final, once.
-    assert [e["turn_id"] for e in of_type(browser, "avatar.reply")] == [final["utterance_id"]]
+    assert [e["turn_id"] for e in browser.of_type("avatar.reply")] == [final["utterance_id"]]
     assert reply["text"]
-    assert not of_type(browser, "error")
+    assert not browser.of_type("error")
 
 
 async def test_rejected_api_key_is_one_fatal_error_and_ends_the_session(redis_url: str) -> None:
@@ -125,9 +133,9 @@ async def test_rejected_api_key_is_one_fatal_error_and_ends_the_session(redis_ur
         await browser.close()
         # Room for a retry storm to show itself: longer than a lease, several worker backoffs.
         await asyncio.sleep(3 * LEASE_MS / 1000)
-        logs = "".join(path.read_text() for name, path in stack.logs.items() if name.startswith("stt-worker"))
 
-    errors = of_type(browser, "error")
+    logs = "".join(path.read_text() for name, path in stack.logs.items() if name.startswith("stt-worker"))
+    errors = browser.of_type("error")
     assert [(e["code"], e["message"], e["fatal"]) for e in errors] == [
         ("deepgram_auth", "Deepgram rejected the API key", True),
     ]
@@ -153,10 +161,7 @@ async def test_takeover_reopens_the_deepgram_socket_and_loses_no_words(redis_url
         final_1 = await browser.wait_type("transcript.final", WAIT_S)
         await browser.wait_for(lambda e: e.get("type") == "avatar.reply" and e["turn_id"] == final_1["utterance_id"])
 
-        owner = stack.redis().hget(keys.session(sid), keys.F_STT_OWNER).decode()
-        pid = int(owner.split("-")[-2])
-        [victim] = [name for name, proc in stack.procs.items() if proc.pid == pid]
-        await asyncio.to_thread(stack.kill, victim)  # kill -9, mid-session
+        owner = await kill_stt_owner(stack, sid)  # mid-session
         await wait_closed(fake.connections[0])
 
         # The user keeps talking; the survivor takes over after the lease and carries on.
@@ -165,7 +170,7 @@ async def test_takeover_reopens_the_deepgram_socket_and_loses_no_words(redis_url
             lambda e: e.get("type") == "transcript.final" and e["utterance_id"] != final_1["utterance_id"]
         )
         await browser.wait_for(lambda e: e.get("type") == "avatar.reply" and e["turn_id"] == final_2["utterance_id"])
-        new_owner = stack.redis().hget(keys.session(sid), keys.F_STT_OWNER).decode()
+        new_owner = await stt_owner(stack, sid)
         await end_session(browser)
 
     assert new_owner != owner
@@ -176,14 +181,14 @@ async def test_takeover_reopens_the_deepgram_socket_and_loses_no_words(redis_url
     assert heard(old) == first.text.split()
     assert heard(new) == second.text.split()
     # Every word reached the browser once, in order; session time runs on across the takeover.
-    finals = of_type(browser, "transcript.final")
+    finals = browser.of_type("transcript.final")
     assert [f["text"] for f in finals] == [first.text, second.text]
     second_at = first.duration_s + trailing_s
     assert final_2["start_s"] == pytest.approx(second_at + second.words[0].start_s, abs=0.002)
     assert final_2["end_s"] == pytest.approx(second_at + second.words[-1].end_s, abs=0.002)
     # Each final answered once.
     assert final_1["utterance_id"] != final_2["utterance_id"]
-    replies = [e["turn_id"] for e in of_type(browser, "avatar.reply")]
+    replies = [e["turn_id"] for e in browser.of_type("avatar.reply")]
     assert replies == [final_1["utterance_id"], final_2["utterance_id"]]
 
 
@@ -199,8 +204,8 @@ async def test_two_sessions_stream_concurrently_on_separate_sockets(redis_url: s
         await asyncio.gather(*(end_session(b) for b in browsers.values()))
 
     for name, speech in said.items():
-        assert [f["text"] for f in of_type(browsers[name], "transcript.final")] == [speech.text]
-        interims = of_type(browsers[name], "transcript.interim")
+        assert [f["text"] for f in browsers[name].of_type("transcript.final")] == [speech.text]
+        interims = browsers[name].of_type("transcript.interim")
         assert interims and all(speech.text.startswith(e["text"]) for e in interims)
     # One socket per session, each with only its own session's words.
     assert len(fake.connections) == 2
@@ -229,7 +234,7 @@ async def test_silence_sends_finalize_and_session_end_sends_close_stream(redis_u
     assert [c for c in conn.controls if c != "KeepAlive"] == ["Finalize", "CloseStream"]
     assert conn.frames[-1] == "CloseStream"
     assert conn.close_code == 1000
-    assert of_type(browser, "transcript.final") == [final]
+    assert browser.of_type("transcript.final") == [final]
 
 
 async def test_owner_killed_mid_utterance_loses_and_repeats_no_words(redis_url: str, fake: FakeDeepgram) -> None:
@@ -245,15 +250,12 @@ async def test_owner_killed_mid_utterance_loses_and_repeats_no_words(redis_url: 
         final_1 = await browser.wait_type("transcript.final", WAIT_S)
 
         talking = asyncio.create_task(browser.stream(second.pcm, trailing_silence_s=trailing_s))
-        # Kill the owner once Deepgram has sent pieces of the second utterance, but before its final.
+        # Kill the owner once Deepgram has sent pieces of the second utterance, before its final.
         await browser.wait_for(
             lambda e: e.get("type") == "transcript.interim" and e["utterance_id"] != final_1["utterance_id"]
             and len(e["text"].split()) >= 3
         )
-        assert not talking.done()
-        owner = stack.redis().hget(keys.session(sid), keys.F_STT_OWNER).decode()
-        [victim] = [name for name, proc in stack.procs.items() if proc.pid == int(owner.split("-")[-2])]
-        await asyncio.to_thread(stack.kill, victim)
+        await kill_stt_owner(stack, sid)
         await talking
         final_2 = await browser.wait_for(
             lambda e: e.get("type") == "transcript.final" and e["utterance_id"] != final_1["utterance_id"]
@@ -264,8 +266,8 @@ async def test_owner_killed_mid_utterance_loses_and_repeats_no_words(redis_url: 
     old, new = fake.connections
     assert 0 < len(heard(old)) - len(first.words) < len(second.words)  # the old socket heard part of it
     assert heard(new) == second.text.split()  # the new one all of it, from the replayed audio
-    assert [f["text"] for f in of_type(browser, "transcript.final")] == [first.text, second.text]
+    assert [f["text"] for f in browser.of_type("transcript.final")] == [first.text, second.text]
     second_at = first.duration_s + trailing_s
     assert final_2["start_s"] == pytest.approx(second_at + second.words[0].start_s, abs=0.002)
-    replies = [e["turn_id"] for e in of_type(browser, "avatar.reply")]
+    replies = [e["turn_id"] for e in browser.of_type("avatar.reply")]
     assert replies == [final_1["utterance_id"], final_2["utterance_id"]]
