@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 
 from avatar_stack.up import free_port, redis_binary, start_redis
+from bench.measure import pct, rss_mb
 from tests.client import Browser, create_session
 from tests.speech import speech_pcm
 
@@ -40,12 +41,6 @@ QUESTIONS = [
 ]
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def trim_trailing_silence(pcm: bytes, threshold_db: float = -45.0) -> bytes:
@@ -58,9 +53,6 @@ def trim_trailing_silence(pcm: bytes, threshold_db: float = -45.0) -> bytes:
     return pcm[: (int(voiced[-1]) + 1) * hop * 2] if len(voiced) else pcm
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def measure(base_url: str, n: int) -> dict[str, list[float]]:

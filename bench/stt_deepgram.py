@@ -42,6 +42,7 @@ import uvloop
 from websockets.asyncio.server import ServerConnection
 
 from avatar_stack.up import free_port, redis_binary, start_redis
+from bench.measure import busy_s, cpu_s, pct, rss_mb
 from common import keys
 from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, FakeDeepgram, Speech
@@ -186,32 +187,12 @@ async def sample(pids: dict[str, int], result: Round) -> None:
         result.loop_lag_p99_ms = round(1000 * pct(lags, 0.99), 1) if lags else 0.0
 
 
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores, every process) so far."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # --- the stack -------------------------------------------------------------------------------

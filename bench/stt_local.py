@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from bench.measure import pct
 from common.pcm import FRAME_BYTES, SAMPLE_RATE, pcm16_to_float
 from common.settings import Settings
 from stt_service.engine import SttResult
@@ -66,9 +67,6 @@ def wer(pairs: list[tuple[str, str]]) -> float:
     return errors / sum(len(words(ref)) for ref, _ in pairs)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def speech_end_s(pcm: bytes) -> float:
