@@ -101,10 +101,16 @@ class ClaimLoop:
         self.active[job.entry_id] = (job, task)
 
     async def _run_session(self, job: Job) -> None:
+        hand_back = False
         try:
             await self.serve(job)
         except asyncio.CancelledError:
             pass
+        except (RedisError, OSError) as exc:
+            # Redis went away under the session: it is not over. Give it back, so it resumes from
+            # its cursors (here or on another worker) once Redis answers again.
+            log.warning("%s session %s lost Redis (%s); handing it back", self.kind, job.session_id, exc)
+            hand_back = True
         except Exception:
             log.exception("%s session %s failed", self.kind, job.session_id)
             try:
@@ -113,14 +119,15 @@ class ClaimLoop:
                     ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
                 )
                 await self.store.end(job.session_id, f"{self.kind}_failed")
-            except RedisError:
+            except (RedisError, OSError):
                 log.exception("could not end failed session %s", job.session_id)
+                hand_back = True
         finally:
             self.active.pop(job.entry_id, None)
             self._slot_freed.set()
             if job.entry_id in self._lost:
                 self._lost.discard(job.entry_id)
-            elif self._handing_back:
+            elif self._handing_back or hand_back:
                 await _quietly(self.jobs.hand_back(job))
             else:
                 await _quietly(self.jobs.done(job))

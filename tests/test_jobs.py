@@ -149,3 +149,31 @@ async def _until(predicate, timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110 - polling another task's state
             await asyncio.sleep(0.02)
+
+
+async def test_a_session_that_loses_redis_is_handed_back_not_dropped(r):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    store = make_store(r)
+    sid, _ = await store.create(SessionConfig())
+    await JobStream.submit(r, STREAM, sid)
+    attempts: list[str] = []
+
+    async def flaky_serve(job):
+        attempts.append(job.session_id)
+        if len(attempts) == 1:
+            raise RedisConnectionError("connection reset")
+        await asyncio.Event().wait()  # second time: serve on
+
+    stop = asyncio.Event()
+    loop = ClaimLoop(r, store, stream=STREAM, group=GROUP, kind="stt", owner_field=keys.F_STT_OWNER,
+                     capacity=1, lease_ms=60_000, heartbeat_ms=100, serve=flaky_serve)
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        # Handed back with a huge idle time, it is re-claimed at once despite the long lease.
+        await _until(lambda: len(attempts) == 2)
+        assert attempts == [sid, sid]
+        assert not await store.is_ended(sid)
+    finally:
+        stop.set()
+        await task
