@@ -94,8 +94,14 @@ class BrowserConnection:
         SOCKETS.inc()
         up = asyncio.create_task(self._uplink())
         down = asyncio.create_task(self._downlink(last_event))
+        close_code = 1000
         try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and isinstance(task.exception(), RedisError | OSError):
+                    # The bus failed, not the session: 1011 tells the page to reconnect.
+                    log.warning("session %s: bus error %r", self.sid, task.exception(), extra={"sid": self.sid})
+                    close_code = 1011
         finally:
             for task in (up, down):
                 task.cancel()
@@ -109,7 +115,7 @@ class BrowserConnection:
                     )
             if self.ws.application_state != WebSocketState.DISCONNECTED:
                 with contextlib.suppress(Exception):
-                    await self.ws.close(1000)
+                    await self.ws.close(close_code)
 
     # ------------------------------------------------------------------ up
 
