@@ -6,9 +6,13 @@ session, or local TTS) and turns reply text into speech the user sees and hears.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from common.models import ErrorEvent, SessionConfig
+
+Speech = str | AsyncIterator[str]
+"""What `speak` says: a whole text, or sentences as a brain produces them (each one complete)."""
 
 
 class AvatarError(Exception):
@@ -34,8 +38,13 @@ class AvatarSession(Protocol):
 
         Raises `AvatarError` (already published to the browser) when it cannot start."""
 
-    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
-        """Speak `text`; returns when the avatar has finished saying it, or soon after `interrupt()`."""
+    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
+        """Speak `text` (a string, or an async iterator of sentences to start on before the reply
+        is complete); returns when the avatar has finished saying it, or soon after `interrupt()`.
+
+        Returns what the avatar actually said: all of it, or after an interrupt the sentences that
+        had started playing (the brain saves only that as the assistant's turn). None when the
+        driver cannot tell (the vendor wrote the answer itself)."""
 
     async def interrupt(self) -> None:
         """Stop the avatar's current speech at once (barge-in); the running `speak` returns."""
@@ -53,3 +62,16 @@ class AvatarDriver(Protocol):
     async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> AvatarSession: ...
 
     async def aclose(self) -> None: ...
+
+
+async def sentences_of(text: Speech, max_chars: int = 250) -> AsyncIterator[str]:
+    """`text` as sentences, whether it came whole or already as a stream of sentences."""
+    from avatar_service.responder import split_sentences
+
+    if isinstance(text, str):
+        for sentence in split_sentences(text, max_chars):
+            yield sentence
+        return
+    async for sentence in text:
+        if sentence.strip():
+            yield sentence

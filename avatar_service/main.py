@@ -7,6 +7,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from avatar_service.brain import make_brain
 from avatar_service.providers import make_driver
 from avatar_service.reaper import run_reaper
 from avatar_service.responder import LocalResponder
@@ -28,7 +29,7 @@ def run(settings: Settings | None = None) -> None:
         # Redis) cost money: the reaper stops them.
         reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name == "heygen" else None
         try:
-            await AvatarWorker(r, settings, driver, responder).run(stop)
+            await AvatarWorker(r, settings, driver, make_brain(r, settings, responder)).run(stop)
         finally:
             if reaper is not None:
                 reaper.cancel()

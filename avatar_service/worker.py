@@ -16,8 +16,8 @@ from collections import deque
 
 import redis.asyncio as aioredis
 
+from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
-from avatar_service.responder import LocalResponder
 from common import keys
 from common.bus import Bus
 from common.jobs import Job
@@ -41,13 +41,11 @@ INTERRUPT_TIMEOUT_S = 3.0
 
 
 class AvatarWorker:
-    def __init__(
-        self, r: aioredis.Redis, settings: Settings, driver: AvatarDriver, responder: LocalResponder
-    ) -> None:
+    def __init__(self, r: aioredis.Redis, settings: Settings, driver: AvatarDriver, brain: Brain) -> None:
         self.r = r
         self.settings = settings
         self.driver = driver
-        self.responder = responder
+        self.brain = brain
         self.bus = Bus(r, settings)
         self.store = SessionStore(r, self.bus)
         self.claims = ClaimLoop(
@@ -61,6 +59,7 @@ class AvatarWorker:
             await self.claims.run(stop)
         finally:
             await self.driver.aclose()
+            await self.brain.aclose()
 
     async def serve(self, job: Job) -> None:
         sid = job.session_id
@@ -160,11 +159,8 @@ class _Conversation:
                 reply_id = f"r-{turn.turn_id}"
                 if self.avatar.answers_itself:  # the vendor writes the answer from what was said
                     speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
-                else:
-                    text = self.w.responder.reply(turn.text)
-                    reply = AvatarReply(reply_id=reply_id, turn_id=turn.turn_id, text=text)
-                    await self.w.bus.publish_event(self.sid, reply)
-                    speech = self.avatar.speak(reply_id, text, user_text=turn.text)
+                else:  # our brain writes the answer; speech starts with its first sentence
+                    speech = self._answer(reply_id, turn)
                 self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
@@ -176,6 +172,37 @@ class _Conversation:
             finally:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()
+
+    async def _answer(self, reply_id: str, turn: UserTurn) -> None:
+        """Ask the brain, speak its sentences as they come, remember what was actually said."""
+        reply = await self.w.brain.reply(self.sid, turn.text)
+        shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply))
+        spoken: str | None = None
+        try:
+            spoken = await self.avatar.speak(reply_id, reply.sentences(), user_text=turn.text)
+        finally:
+            await reply.aclose()
+            await asyncio.gather(shown, return_exceptions=True)
+        if reply.error is not None:
+            await self.w.bus.publish_event(self.sid, reply.error)
+        said = reply.text if spoken is None else spoken
+        try:
+            await self.w.brain.remember(self.sid, turn.text, said)
+        except Exception:
+            log.exception("could not save the conversation history", extra={"sid": self.sid})
+
+    async def _show_reply(self, reply_id: str, turn_id: str, reply: Reply) -> None:
+        """`avatar.reply` for the page: the text so far, growing sentence by sentence, then whole."""
+        shown = ""
+        while True:
+            reply.changed.clear()  # before reading: a change during the publish wakes the wait
+            done = reply.done.is_set()
+            if reply.text != shown:
+                shown = reply.text
+                await self.w.bus.publish_event(self.sid, AvatarReply(reply_id=reply_id, turn_id=turn_id, text=shown))
+            if done:
+                return
+            await reply.changed.wait()
 
     async def _save_cursor(self, last_read: str) -> None:
         """Resume point for a takeover: just before the oldest turn not yet answered."""

@@ -37,8 +37,13 @@ def answered(sid: str) -> str:
     return f"answered:{{{sid}}}"
 
 
+def history(sid: str) -> str:
+    """List: the conversation as JSON chat messages (bounded), for the brain."""
+    return f"history:{{{sid}}}"
+
+
 def all_session_keys(sid: str) -> list[str]:
-    return [session(sid), audio(sid), turns(sid), events(sid), answered(sid)]
+    return [session(sid), audio(sid), turns(sid), events(sid), answered(sid), history(sid)]
 
 
 def workers(kind: str) -> str:

@@ -51,6 +51,30 @@ class Settings(BaseSettings):
     heygen_reaper_grace_s: float = Field(default=60.0, ge=0)
     liveavatar_api_key: SecretStr | None = None
     liveavatar_server_url: str = "https://api.liveavatar.com"
+    liveavatar_avatar_id: str = ""  # uuid; the sandbox works only with dd73ea75-1218-4ef3-92ce-606d5f7fbc0a
+    liveavatar_sandbox: bool = False  # `is_sandbox`: free ~1 minute sessions for development
+    liveavatar_video_quality: Literal["very_high", "high", "medium", "low"] = "high"
+    liveavatar_video_encoding: Literal["VP8", "H264"] = "VP8"
+    liveavatar_max_session_s: int = Field(default=0, ge=0)  # 0 = the plan's limit
+    liveavatar_keepalive_s: float = Field(default=60.0, gt=0)  # `session.keep_alive` after this long idle
+    liveavatar_http_timeout_s: float = Field(default=10.0, ge=1)
+    liveavatar_connect_timeout_s: float = Field(default=15.0, gt=0)  # until the WS says `connected`
+    liveavatar_first_chunk_ms: int = Field(default=400, ge=20, le=2000)
+    liveavatar_chunk_ms: int = Field(default=1000, ge=20, le=5000)
+    liveavatar_stop_grace_s: float = Field(default=2.0, ge=0)  # wait past the audio for `speak_ended`
+    liveavatar_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
+    liveavatar_reaper_grace_s: float = Field(default=60.0, ge=0)
+
+    # Brain: an OpenAI-compatible chat-completions server; empty LLM_BASE_URL = the local Q&A responder
+    llm_base_url: str = ""  # e.g. https://api.openai.com/v1, http://127.0.0.1:8080/v1 (llama.cpp)
+    llm_api_key: SecretStr | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_system_prompt: str = ""  # empty = a short built-in prompt for spoken answers
+    llm_knowledge_file: str = ""  # optional text appended to the system prompt
+    llm_history_messages: int = Field(default=20, ge=0, le=500)  # per session, kept in Redis
+    llm_max_tokens: int = Field(default=300, ge=0)  # 0 = the server's default
+    llm_temperature: float | None = None
+    llm_timeout_s: float = Field(default=30.0, ge=1)
 
     # Local engines
     local_stt_model: str = Field(default="", description="CTranslate2 Whisper folder; empty = bundled tiny.en")

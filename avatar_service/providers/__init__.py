@@ -13,6 +13,10 @@ def make_driver(settings: Settings, bus: Bus) -> AvatarDriver:
         from avatar_service.providers.heygen import HeyGenAvatarDriver
 
         return HeyGenAvatarDriver(settings, bus)
+    if provider == "liveavatar":
+        from avatar_service.providers.liveavatar import LiveAvatarDriver
+
+        return LiveAvatarDriver(settings, bus)
     if provider != "local":
         raise SystemExit(
             f"AVATAR_PROVIDER={provider} is not available in this build yet; use AVATAR_PROVIDER=local"

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatar_service.driver import AvatarError
+from avatar_service.driver import AvatarError, Speech
 from avatar_service.responder import split_sentences
 from common import keys
 from common.bus import Bus
@@ -568,23 +569,24 @@ class HeyGenAvatarSession:
 
     # ---- speech
 
-    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
+    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
         """Say a reply; returns once the avatar stopped talking, or promptly after `interrupt()`.
 
         `talk`: sends `user_text` (what the user said; `text` when not given) as one task and
         HeyGen answers it. `repeat`: speaks `text`, one task per piece under the length limit,
-        each sent once the previous one has been spoken.
+        each sent once the previous one has been spoken; `text` may be a stream of sentences (from
+        the brain), then each arrives as a task as soon as the previous one was spoken.
+        Returns the text of the tasks HeyGen accepted (`repeat`), None in `talk` mode.
         """
         vendor = self.vendor
         if vendor is None or self._stopped:
             log.warning("speak on a HeyGen session that is not live", extra={"sid": self.sid})
-            return
-        pieces = self._pieces(text, user_text)
-        if not pieces:
-            return
+            return None if self.answers_itself else ""
         reply = self._reply = _Reply(reply_id)
+        said: list[str] = []
+        pieces = self._piece_stream(text, user_text)
         try:
-            for piece in pieces:
+            async for piece in pieces:
                 if reply.interrupted:
                     break
                 try:
@@ -593,11 +595,13 @@ class HeyGenAvatarSession:
                     await self._task_failed(vendor, exc)
                     break
                 self._accept(reply, result)
+                said.append(piece)
                 if reply.interrupted:  # the barge-in came while the task was on its way
                     await self._interrupt_vendor(vendor)
                     break
                 await self._wait_spoken(reply)
         finally:
+            await pieces.aclose()
             if self._reply is reply:
                 self._reply = None
         if reply.accepted:
@@ -605,6 +609,7 @@ class HeyGenAvatarSession:
                 await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
             stopped = AvatarStoppedTalking(reply_id=reply_id, interrupted=reply.interrupted)
             await self.bus.publish_event(self.sid, stopped)
+        return None if self.answers_itself else " ".join(said)
 
     async def interrupt(self) -> None:
         """Barge-in: `streaming.interrupt` if the avatar is (about to be) talking; `speak` returns."""
@@ -637,6 +642,48 @@ class HeyGenAvatarSession:
                 reply.changed.set()
 
     # ---- internals
+
+    async def _piece_stream(self, text: Speech, user_text: str | None) -> AsyncIterator[str]:
+        if isinstance(text, str) or self.options.task_type != "repeat":
+            if not isinstance(text, str) and user_text is None:
+                text = " ".join([s async for s in text])
+            for piece in self._pieces(text if isinstance(text, str) else "", user_text):
+                yield piece
+            return
+        # A stream of sentences: each task packs every sentence that has arrived by the time the
+        # previous task was spoken (a whole reply that is ready at once is still one task).
+        limit = self.options.task_max_chars
+        ready: deque[str] = deque()
+        arrived = asyncio.Event()
+        finished = False
+
+        async def collect() -> None:
+            nonlocal finished
+            try:
+                async for sentence in text:
+                    ready.extend(pack_sentences(sentence, limit))
+                    arrived.set()
+            finally:
+                finished = True
+                arrived.set()
+
+        collector = asyncio.create_task(collect())
+        try:
+            while True:
+                arrived.clear()
+                if not ready:
+                    if finished:
+                        break
+                    await arrived.wait()
+                    continue
+                piece = ready.popleft()
+                while ready and len(piece) + 1 + len(ready[0]) <= limit:
+                    piece += " " + ready.popleft()
+                yield piece
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
 
     def _pieces(self, text: str, user_text: str | None) -> list[str]:
         limit = self.options.task_max_chars

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
+from avatar_service.driver import Speech, sentences_of
 from avatar_service.tts import PiperTts
 from common.bus import Bus
 from common.models import (
@@ -27,6 +29,7 @@ from common.pcm import duration_s, mouth_envelope
 from common.settings import Settings
 
 MOUTH_HOP_MS = 20
+T = TypeVar("T")
 
 
 class LocalAvatarDriver:
@@ -66,9 +69,11 @@ class LocalAvatarSession:
             ),
         )
 
-    async def speak(self, reply_id: str, text: str, *, user_text: str | None = None) -> None:
+    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str:
         """Publish the reply chunk by chunk; return when the page has played it or on interrupt.
 
+        `text` may be a stream of sentences: each is synthesized as soon as it arrives, while the
+        page is still playing the previous one. Returns the sentences whose playback had begun.
         Interruption is cooperative (`interrupt()` sets a flag this loop watches) rather than
         task cancellation, so a barge-in never lands in the middle of a Redis call.
         """
@@ -76,29 +81,45 @@ class LocalAvatarSession:
         self._interrupted = interrupted = asyncio.Event()
         playback_ends = 0.0
         seq = 0
-        chunks = self.driver.tts.stream(text)
+        starts: list[tuple[float, str]] = []  # (when the page starts playing it, sentence)
+        sentences = sentences_of(text)
         try:
             while not interrupted.is_set():
-                pcm = await _next_or_interrupt(chunks, interrupted)
-                if pcm is None:
+                sentence = await _next_or_interrupt(sentences, interrupted)
+                if sentence is None:
                     break
-                if seq == 0:
-                    await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
-                event = AvatarAudio(
-                    reply_id=reply_id, seq=seq, sample_rate=rate, samples=len(pcm) // 2,
-                    mouth=mouth_envelope(pcm, rate, MOUTH_HOP_MS), mouth_hop_ms=MOUTH_HOP_MS,
-                )
-                await self.bus.publish_event(self.sid, event, pcm=pcm)
-                # The page plays chunks back to back; a late chunk starts when it arrives.
-                playback_ends = max(playback_ends, time.monotonic()) + duration_s(pcm, rate)
-                seq += 1
+                chunks = self.driver.tts.stream(sentence)
+                first = True
+                try:
+                    while not interrupted.is_set():
+                        pcm = await _next_or_interrupt(chunks, interrupted)
+                        if pcm is None:
+                            break
+                        if seq == 0:
+                            await self.bus.publish_event(self.sid, AvatarStartedTalking(reply_id=reply_id))
+                        event = AvatarAudio(
+                            reply_id=reply_id, seq=seq, sample_rate=rate, samples=len(pcm) // 2,
+                            mouth=mouth_envelope(pcm, rate, MOUTH_HOP_MS), mouth_hop_ms=MOUTH_HOP_MS,
+                        )
+                        await self.bus.publish_event(self.sid, event, pcm=pcm)
+                        # The page plays chunks back to back; a late chunk starts when it arrives.
+                        begins = max(playback_ends, time.monotonic())
+                        if first:
+                            starts.append((begins, sentence))
+                            first = False
+                        playback_ends = begins + duration_s(pcm, rate)
+                        seq += 1
+                finally:
+                    await chunks.aclose()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(interrupted.wait(), max(0.0, playback_ends - time.monotonic()))
         finally:
-            await chunks.aclose()
+            await sentences.aclose()
+        cut_at = time.monotonic() if interrupted.is_set() else float("inf")
         if seq:
             stopped = AvatarStoppedTalking(reply_id=reply_id, interrupted=interrupted.is_set())
             await self.bus.publish_event(self.sid, stopped)
+        return " ".join(sentence for begins, sentence in starts if begins <= cut_at)
 
     async def interrupt(self) -> None:
         if self._interrupted is not None:
@@ -111,7 +132,7 @@ class LocalAvatarSession:
         return None
 
 
-async def _next_or_interrupt(chunks: AsyncIterator[bytes], interrupted: asyncio.Event) -> bytes | None:
+async def _next_or_interrupt(chunks: AsyncIterator[T], interrupted: asyncio.Event) -> T | None:
     """The next chunk, or None when the speech is over or was interrupted (whichever is first)."""
     nxt = asyncio.ensure_future(anext(chunks))
     stop = asyncio.ensure_future(interrupted.wait())

@@ -1,0 +1,218 @@
+"""The brain: sentence cutting on streamed tokens, history in Redis, trimming, fallback, errors.
+
+The LLM is `tests/fakes/llm.py` (an OpenAI-compatible streaming server on loopback); Redis is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from pydantic import SecretStr
+
+from avatar_service.brain import APOLOGY, LlmBrain, LocalBrain, Reply, SentenceCutter, make_brain
+from avatar_service.responder import LocalResponder
+from avatar_service.worker import AvatarWorker, _Conversation
+from common import keys
+from common.bus import Bus
+from common.models import SessionConfig, UserTurn
+from common.sessions import SessionStore
+from common.settings import Settings
+from tests.fakes.llm import FakeLlm
+
+KEY = "sk-test-llm-key-9c2b7e"
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLlm]:
+    with FakeLlm(api_key=KEY, token_delay_s=0.005) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def r(clean_redis: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(clean_redis)
+    yield client
+    await client.aclose()
+
+
+def settings_for(llm: FakeLlm | None, redis_url: str = "redis://127.0.0.1:1/0", **extra) -> Settings:
+    fields = {"llm_base_url": llm.url if llm else "", "llm_api_key": SecretStr(KEY), "llm_model": "fake-model"}
+    return Settings(_env_file=None, redis_url=redis_url, **{**fields, **extra})
+
+
+async def collect(reply: Reply) -> list[str]:
+    return [s async for s in reply.sentences()]
+
+
+# ---------------------------------------------------------------- sentence cutting
+
+
+def test_sentences_are_cut_as_soon_as_the_next_one_starts() -> None:
+    cutter = SentenceCutter()
+    text = "Hello there. Dr. Smith says 3.5 is fine!  How are you?\nI am **fine**. Bye"
+    out: list[tuple[int, str]] = []
+    for i, ch in enumerate(text):  # one character per token: the worst case
+        out += [(i, s) for s in cutter.feed(ch)]
+    out += [(len(text), s) for s in cutter.flush()]
+    assert [s for _, s in out] == [
+        "Hello there.", "Dr. Smith says 3.5 is fine!", "How are you?", "I am fine.", "Bye",
+    ]
+    assert out[0][0] == text.index("Dr.")  # emitted as soon as the next sentence starts
+
+
+def test_a_long_first_sentence_is_cut_early_at_a_comma() -> None:
+    cutter = SentenceCutter(first_max_chars=60, max_chars=200)
+    text = ("Well, this is a rather long opening sentence, which keeps going and going, "
+            "and it has no full stop for a long while, but we still want speech to start soon.")
+    pieces = [p for word in text.split(" ") for p in cutter.feed(word + " ")] + cutter.flush()
+    assert len(pieces[0]) <= 60 and " ".join(pieces) == text
+
+
+# ---------------------------------------------------------------- LLM brain
+
+
+async def test_reply_streams_sentences_before_the_reply_is_complete(llm: FakeLlm, r: aioredis.Redis) -> None:
+    llm.token_delay_s = 0.03
+    llm.script(["First sentence here. Then " + " ".join(["more"] * 30) + " words. Last one."])
+    brain = LlmBrain(r, settings_for(llm))
+    start = time.monotonic()
+    reply = await brain.reply("s1", "hi")
+    seen: list[tuple[float, str]] = []
+    async for sentence in reply.sentences():
+        seen.append((time.monotonic() - start, sentence))
+    await brain.aclose()
+    assert next(s for _, s in seen) == "First sentence here." and seen[-1][1] == "Last one."
+    assert seen[0][0] < seen[-1][0] - 0.5  # the first sentence came long before the end
+    assert reply.error is None and reply.done.is_set()
+    request = llm.requests[-1]
+    assert request.auth_ok and request.body["stream"] is True and request.body["model"] == "fake-model"
+    assert request.messages[0]["role"] == "system" and request.messages[-1] == {"role": "user", "content": "hi"}
+
+
+async def test_history_is_bounded_sent_with_each_request_and_expires(llm: FakeLlm, r: aioredis.Redis) -> None:
+    brain = LlmBrain(r, settings_for(llm, llm_history_messages=6))
+    for i in range(10):
+        await brain.remember("s1", f"question {i}", f"answer {i}")
+    history = await brain.history("s1")
+    assert len(history) == 6 and history[-1] == {"role": "assistant", "content": "answer 9"}
+    assert history[0] == {"role": "user", "content": "question 7"}
+    assert 0 < await r.ttl(keys.history("s1")) and "{s1}" in keys.history("s1")
+    await collect(await brain.reply("s1", "next"))
+    messages = llm.requests[-1].messages
+    assert messages[1:-1] == history and messages[-1]["content"] == "next"
+    await brain.aclose()
+
+
+async def test_system_prompt_and_knowledge_file(llm: FakeLlm, r: aioredis.Redis, tmp_path) -> None:
+    knowledge = tmp_path / "k.md"
+    knowledge.write_text("The office opens at nine.")
+    brain = LlmBrain(r, settings_for(llm, llm_system_prompt="You are Ada.", llm_knowledge_file=str(knowledge)))
+    await collect(await brain.reply("s1", "when?"))
+    system = llm.requests[-1].messages[0]["content"]
+    assert system.startswith("You are Ada.") and "opens at nine" in system
+    await brain.aclose()
+
+
+async def test_llm_errors_become_a_spoken_apology_and_a_clear_error(
+    llm: FakeLlm, r: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    brain = LlmBrain(r, settings_for(llm))
+    llm.fail_next(503)
+    reply = await brain.reply("s1", "hi")
+    assert await collect(reply) == [APOLOGY]
+    assert reply.error is not None and reply.error.code == "llm_failed" and not reply.error.fatal
+    # cut mid-stream: what came is kept, no apology glued on, still an error
+    llm.cut_after = 6
+    llm.script(["One two three. Four five six seven eight."])
+    reply = await brain.reply("s1", "hi")
+    assert await collect(reply) == ["One two three."]
+    assert reply.error is not None
+    llm.cut_after = None
+    await brain.aclose()
+    # nobody listening at all, and a wrong key
+    for bad in (LlmBrain(r, settings_for(None, llm_base_url="http://127.0.0.1:9/v1")),
+                LlmBrain(r, settings_for(llm, llm_api_key=SecretStr("sk-wrong-key-123")))):
+        reply = await bad.reply("s1", "hi")
+        assert await collect(reply) == [APOLOGY] and reply.error is not None
+        await bad.aclose()
+    assert KEY not in caplog.text and "sk-wrong-key-123" not in caplog.text
+
+
+async def test_without_an_llm_the_local_responder_serves(r: aioredis.Redis) -> None:
+    settings = settings_for(None)
+    brain = make_brain(r, settings, LocalResponder())
+    assert isinstance(brain, LocalBrain)
+    reply = await brain.reply("s1", "hello")
+    sentences = await collect(reply)
+    assert sentences and reply.text == " ".join(sentences) and reply.error is None
+    assert isinstance(make_brain(r, settings_for(FakeLlm()), LocalResponder()), LlmBrain)
+
+
+# ---------------------------------------------------------------- the worker with the brain
+
+
+class StubAvatar:
+    """Takes sentences as they come; 'interrupted' after `cut_after` sentences."""
+
+    answers_itself = False
+
+    def __init__(self, cut_after: int | None = None) -> None:
+        self.cut_after = cut_after
+        self.heard: list[str] = []
+
+    async def speak(self, reply_id: str, text, *, user_text: str | None = None) -> str:
+        async for sentence in text:
+            self.heard.append(sentence)
+            if self.cut_after is not None and len(self.heard) >= self.cut_after:
+                return " ".join(self.heard)
+        return " ".join(self.heard)
+
+
+async def test_worker_saves_only_what_was_spoken_after_a_barge_in(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    settings = settings_for(llm, redis_url=clean_redis)
+    brain = LlmBrain(r, settings)
+    worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+    llm.script(["Sentence one is here. Sentence two is here. Sentence three is here."] * 2)
+    avatar = StubAvatar(cut_after=1)
+    conversation = _Conversation(worker, sid, avatar)  # type: ignore[arg-type]
+    await conversation._answer("r-t1", UserTurn(turn_id="t1", text="tell me", source="text"))
+    assert await brain.history(sid) == [
+        {"role": "user", "content": "tell me"}, {"role": "assistant", "content": "Sentence one is here."},
+    ]
+    avatar.cut_after = None
+    avatar.heard = []
+    await conversation._answer("r-t2", UserTurn(turn_id="t2", text="again", source="text"))
+    history = await brain.history(sid)
+    assert history[-1]["content"] == "Sentence one is here. Sentence two is here. Sentence three is here."
+    assert llm.requests[-1].messages[1:3] == history[:2]  # the trimmed turn was the context
+    events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
+    replies = [e for e in events if e["type"] == "avatar.reply" and e["reply_id"] == "r-t2"]
+    assert replies and replies[-1]["text"] == history[-1]["content"] and replies[-1]["turn_id"] == "t2"
+    await brain.aclose()
+
+
+async def test_worker_publishes_the_llm_error_and_speaks_the_apology(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    settings = settings_for(llm, redis_url=clean_redis)
+    brain = LlmBrain(r, settings)
+    worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+    llm.fail_next(500)
+    avatar = StubAvatar()
+    await _Conversation(worker, sid, avatar)._answer("r-t1", UserTurn(turn_id="t1", text="hi", source="text"))  # type: ignore[arg-type]
+    assert avatar.heard == [APOLOGY]
+    events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
+    assert any(e["type"] == "error" and e["code"] == "llm_failed" and not e["fatal"] for e in events)
+    await brain.aclose()
+    await asyncio.sleep(0)
