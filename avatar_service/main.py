@@ -27,7 +27,7 @@ def run(settings: Settings | None = None) -> None:
         responder = LocalResponder(Path(settings.knowledge_file or DEFAULT_KNOWLEDGE))
         # Vendor sessions that no live session owns (a crash between create and record, a lost
         # Redis) cost money: the reaper stops them.
-        reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name == "heygen" else None
+        reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name != "local" else None
         try:
             await AvatarWorker(r, settings, driver, make_brain(r, settings, responder)).run(stop)
         finally:

@@ -1,4 +1,4 @@
-"""The orphan reaper: stop HeyGen sessions that no live session of ours owns.
+"""The orphan reaper: stop vendor avatar sessions (HeyGen, LiveAvatar) no live session of ours owns.
 
 A leaked HeyGen session costs money and a concurrency slot until the vendor's idle timeout. Leaks
 happen when every avatar worker dies at once, when a session ends while no avatar worker runs,
@@ -20,11 +20,14 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatar_service.providers.heygen import F_VENDOR_ID, HeyGenClient, HeyGenError, HeyGenOptions
+from avatar_service.providers import heygen, liveavatar
 from common import keys
 from common.sessions import STATE_ENDED
 from common.settings import Settings
@@ -34,24 +37,65 @@ log = logging.getLogger(__name__)
 REAPER_LOCK = "heygen:reaper:lock"
 
 
-async def owned_vendor_ids(r: aioredis.Redis) -> set[str]:
+@dataclass
+class ReaperTarget:
+    """One vendor's side of reaping: how to list its sessions, stop one, and find ours in Redis."""
+
+    name: str
+    client: Any  # has `list_sessions()` and `aclose()`
+    stop: Callable[[str], Awaitable[Any]]
+    vendor_field: str
+    errors: tuple[type[Exception], ...]
+    interval_s: float
+    grace_s: float
+    lock: str
+
+
+def target_for(settings: Settings) -> ReaperTarget | None:
+    """The reaper of the configured cloud avatar, or None (local avatar, no key, or turned off)."""
+    provider = settings.resolved_avatar_provider()
+    if provider == "heygen":
+        options = heygen.HeyGenOptions.from_settings(settings)
+        if not options.api_key or options.reaper_interval_s <= 0:
+            return None
+        client = heygen.HeyGenClient(options.server_url, options.api_key, timeout_s=options.http_timeout_s)
+        return ReaperTarget("HeyGen", client, client.stop, heygen.F_VENDOR_ID, (heygen.HeyGenError,),
+                            options.reaper_interval_s, options.reaper_grace_s, REAPER_LOCK)
+    if provider == "liveavatar" and settings.liveavatar_api_key and settings.liveavatar_reaper_interval_s > 0:
+        client = liveavatar.LiveAvatarClient(
+            settings.liveavatar_server_url, settings.liveavatar_api_key.get_secret_value(),
+            timeout_s=settings.liveavatar_http_timeout_s,
+        )
+        return ReaperTarget("LiveAvatar", client, client.reap, liveavatar.F_VENDOR_ID, (liveavatar.LiveAvatarError,),
+                            settings.liveavatar_reaper_interval_s, settings.liveavatar_reaper_grace_s,
+                            "liveavatar:reaper:lock")
+    return None
+
+
+async def owned_vendor_ids(r: aioredis.Redis, vendor_field: str = heygen.F_VENDOR_ID) -> set[str]:
     """Vendor session ids recorded by sessions that are still live."""
     sids = [s.decode() for s in await r.zrange(keys.SESSIONS_INDEX, 0, -1)]
     if not sids:
         return set()
     async with r.pipeline(transaction=False) as pipe:
         for sid in sids:
-            pipe.hmget(keys.session(sid), keys.F_STATE, F_VENDOR_ID)
+            pipe.hmget(keys.session(sid), keys.F_STATE, vendor_field)
         rows = await pipe.execute()
     return {vendor.decode() for state, vendor in rows if vendor and state and state.decode() != STATE_ENDED}
 
 
 async def reap_once(
-    r: aioredis.Redis, client: HeyGenClient, *, grace_s: float, first_seen: dict[str, float] | None = None
+    r: aioredis.Redis, client: Any, *, grace_s: float, first_seen: dict[str, float] | None = None,
+    target: ReaperTarget | None = None,
 ) -> list[str]:
-    """One pass; returns the ids it stopped. `first_seen` ages sessions the vendor lists without `created_at`."""
+    """One pass; returns the ids it stopped. `first_seen` ages sessions the vendor lists without `created_at`.
+
+    Without `target`, `client` is a HeyGen client (the original signature)."""
+    name = target.name if target else "HeyGen"
+    stop = target.stop if target else client.stop
+    errors = target.errors if target else (heygen.HeyGenError,)
     listed = await client.list_sessions()  # before Redis: see the module docstring
-    owned = await owned_vendor_ids(r)
+    owned = await owned_vendor_ids(r, target.vendor_field if target else heygen.F_VENDOR_ID)
     first_seen = first_seen if first_seen is not None else {}
     now = time.time()
     reaped = []
@@ -61,12 +105,12 @@ async def reap_once(
         if session.session_id in owned or now - created < grace_s:
             continue
         try:
-            await client.stop(session.session_id)
-        except HeyGenError as exc:
-            log.warning("reaper could not stop HeyGen session %s: %s", session.session_id, exc)
+            await stop(session.session_id)
+        except errors as exc:
+            log.warning("reaper could not stop %s session %s: %s", name, session.session_id, exc)
             continue
         reaped.append(session.session_id)
-        log.warning("reaped orphaned HeyGen session %s (created %.0f s ago)", session.session_id, now - created)
+        log.warning("reaped orphaned %s session %s (created %.0f s ago)", name, session.session_id, now - created)
     listed_ids = {s.session_id for s in listed}
     for vendor_id in list(first_seen):
         if vendor_id not in listed_ids:
@@ -76,26 +120,25 @@ async def reap_once(
 
 async def run_reaper(r: aioredis.Redis, settings: Settings, stop: asyncio.Event) -> None:
     """Reap at once, then every interval, until `stop` is set. For the avatar worker to run as a task."""
-    options = HeyGenOptions.from_settings(settings)
-    if not options.api_key or options.reaper_interval_s <= 0:
-        log.info("HeyGen reaper off")
+    target = target_for(settings)
+    if target is None:
+        log.info("vendor session reaper off")
         return
-    client = HeyGenClient(options.server_url, options.api_key, timeout_s=options.http_timeout_s)
     me = uuid.uuid4().hex
     first_seen: dict[str, float] = {}
-    lock_ms = max(1, int(options.reaper_interval_s * 900))  # a little under the interval
-    log.info("HeyGen reaper on: every %g s, grace %g s", options.reaper_interval_s, options.reaper_grace_s)
+    lock_ms = max(1, int(target.interval_s * 900))  # a little under the interval
+    log.info("%s reaper on: every %g s, grace %g s", target.name, target.interval_s, target.grace_s)
     try:
         while not stop.is_set():
             try:
-                if await r.set(REAPER_LOCK, me, nx=True, px=lock_ms):
-                    await reap_once(r, client, grace_s=options.reaper_grace_s, first_seen=first_seen)
-            except HeyGenError as exc:
-                level = logging.ERROR if exc.auth else logging.WARNING
-                log.log(level, "HeyGen reaper pass failed: %s", exc)
+                if await r.set(target.lock, me, nx=True, px=lock_ms):
+                    await reap_once(r, target.client, grace_s=target.grace_s, first_seen=first_seen, target=target)
+            except target.errors as exc:
+                level = logging.ERROR if getattr(exc, "auth", False) else logging.WARNING
+                log.log(level, "%s reaper pass failed: %s", target.name, exc)
             except (RedisError, OSError) as exc:
-                log.warning("HeyGen reaper pass failed: %s", exc)
+                log.warning("%s reaper pass failed: %s", target.name, exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), options.reaper_interval_s)
+                await asyncio.wait_for(stop.wait(), target.interval_s)
     finally:
-        await client.aclose()
+        await target.client.aclose()
