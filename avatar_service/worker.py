@@ -29,7 +29,7 @@ from common.models import (
     UserInterrupt,
     UserTurn,
 )
-from common.sessions import STATE_LIVE, SessionStore
+from common.sessions import SessionStore
 from common.settings import Settings
 from common.worker import ClaimLoop
 
@@ -74,7 +74,7 @@ class AvatarWorker:
                 await self.store.end(sid, exc.code)
                 ended = True
                 return
-            await self.store.set_fields(sid, **{keys.F_STATE: STATE_LIVE})
+            await self.store.mark_live(sid)
             ended = await _Conversation(self, sid, avatar).run()
         finally:
             if ended or await self.store.is_ended(sid):

@@ -24,6 +24,14 @@ STATE_CREATED = "created"
 STATE_LIVE = "live"
 STATE_ENDED = "ended"
 
+_UPDATE_IF_EXISTS = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
+)
+_INCR_IF_EXISTS = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return false end "
+    "return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])"
+)
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
@@ -78,10 +86,25 @@ class SessionStore:
             return None
         return hmac.compare_digest(stored.decode(), hash_token(token))
 
-    async def set_fields(self, sid: str, **fields: str) -> None:
-        await self.r.hset(keys.session(sid), mapping=fields)
+    async def set_fields(self, sid: str, **fields: str) -> bool:
+        """Update a session that exists; never re-create the hash of one whose state is gone
+        (expired, or lost in a Redis restart), which would leave a session with no state."""
+        args = [x for pair in fields.items() for x in pair]
+        return bool(await self.r.eval(_UPDATE_IF_EXISTS, 1, keys.session(sid), *args))
+
+    async def add_connection(self, sid: str, delta: int) -> int | None:
+        """Count browser sockets of a session; None when the session is gone."""
+        return await self.r.eval(_INCR_IF_EXISTS, 1, keys.session(sid), keys.F_CONNECTED, delta)
+
+    async def mark_live(self, sid: str) -> None:
+        """created → live; an ended session stays ended."""
+        await self.r.eval(
+            "if redis.call('HGET', KEYS[1], 'state') == 'created' then "
+            "redis.call('HSET', KEYS[1], 'state', 'live') end return 1", 1, keys.session(sid),
+        )
 
     async def is_ended(self, sid: str) -> bool:
+        """Ended, or gone: a session without a state (expired, lost with Redis) is over too."""
         state = await self.r.hget(keys.session(sid), keys.F_STATE)
         return state is None or state.decode() == STATE_ENDED
 

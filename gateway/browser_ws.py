@@ -87,9 +87,7 @@ class BrowserConnection:
         self._flood_reported = False
 
     async def serve(self, last_event: str) -> None:
-        r = self.store.r
-        key = keys.session(self.sid)
-        await r.hincrby(key, keys.F_CONNECTED, 1)
+        await self.store.add_connection(self.sid, 1)
         await self.store.set_fields(self.sid, **{keys.F_LAST_SEEN: f"{time.time():.3f}"})
         SOCKETS.inc()
         up = asyncio.create_task(self._uplink())
@@ -108,8 +106,8 @@ class BrowserConnection:
             await asyncio.gather(up, down, return_exceptions=True)
             SOCKETS.dec()
             with contextlib.suppress(RedisError, OSError):
-                left = await r.hincrby(key, keys.F_CONNECTED, -1)
-                if left <= 0:
+                left = await self.store.add_connection(self.sid, -1)
+                if left is not None and left <= 0:
                     await self.store.set_fields(
                         self.sid, **{keys.F_CONNECTED: "0", keys.F_DISCONNECTED_AT: f"{time.time():.3f}"}
                     )
@@ -213,7 +211,7 @@ class BrowserConnection:
             reply = await r.xread({stream: after}, count=64, block=5000 if after != "0" else 1)
             if not reply:
                 record = await self.store.get(self.sid)
-                if record is None or record.get(keys.F_STATE) == "ended":
+                if record is None or record.get(keys.F_STATE, "ended") == "ended":
                     # Its session.ended event is gone (trimmed or expired): say it anyway.
                     reason = (record or {}).get(keys.F_ENDED_REASON, "ended")
                     await self._send_text(dump(SessionEnded(reason=reason)))
