@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatar_service.driver import AvatarError, Speech
+from avatar_service.providers.vendor_api import VendorApi, VendorApiError, VendorSession
 from avatar_service.responder import split_sentences
 from common import keys
 from common.bus import Bus
@@ -68,7 +68,6 @@ KB_KEY_PREFIX = "heygen:kb:"  # + digest of the prompt -> knowledge base id
 KB_LOCK_S = 15
 DEFAULT_KB_PROMPT_FILE = Path(__file__).resolve().parent.parent / "knowledge.md"
 
-SUCCESS_CODES = {100, 1000}
 CODE_INVALID_CREDENTIALS = 40009
 CODE_WRONG_STATE = 400006
 CODE_SESSION_NOT_FOUND = 10005
@@ -139,15 +138,8 @@ class HeyGenOptions:
 # ---------------------------------------------------------------- errors
 
 
-class HeyGenError(Exception):
-    """A failed HeyGen call: HTTP `status` (0 = no answer), the vendor's `code` and `message`."""
-
-    def __init__(self, path: str, status: int, code: int | None, message: str) -> None:
-        super().__init__(f"{path}: HTTP {status}, code {code}: {message}")
-        self.path = path
-        self.status = status
-        self.code = code
-        self.message = message
+class HeyGenError(VendorApiError):
+    """A failed HeyGen call."""
 
     @property
     def capacity(self) -> bool:
@@ -168,7 +160,7 @@ class HeyGenError(Exception):
 
     @property
     def transient(self) -> bool:
-        return not self.capacity and (self.status == 0 or self.status == 429 or self.status >= 500)
+        return not self.capacity and super().transient
 
 
 def avatar_error(exc: HeyGenError) -> AvatarError:
@@ -200,14 +192,7 @@ class TaskResult:
     duration_s: float  # the vendor's estimate; 0 when it gave none
 
 
-@dataclass(frozen=True)
-class VendorSession:
-    session_id: str
-    status: str
-    created_at: float | None  # unix seconds
-
-
-class HeyGenClient:
+class HeyGenClient(VendorApi):
     """The streaming API over one pooled `httpx.AsyncClient`; raises `HeyGenError`.
 
     Only calls that are safe to repeat (keep-alive, interrupt, stop, list) are retried, and only
@@ -215,19 +200,8 @@ class HeyGenClient:
     would say the text twice.
     """
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._api_key = api_key
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
-            headers={"Accept": "application/json"},
-            transport=transport,
-        )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    vendor = "HeyGen"
+    error = HeyGenError
 
     async def create_token(self) -> str:
         data = await self._call("POST", "/v1/streaming.create_token", {})
@@ -302,38 +276,6 @@ class HeyGenClient:
         payload = await self._request(method, path, body, bearer, retries, timeout_s)
         data = payload.get("data")
         return data if isinstance(data, dict) else {}
-
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None, bearer: str | None,
-                       retries: int, timeout_s: float | None) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {"X-Api-Key": self._api_key}
-        timeout = httpx.Timeout(timeout_s) if timeout_s else httpx.USE_CLIENT_DEFAULT
-        for attempt in range(retries + 1):
-            try:
-                return await self._once(method, path, body, headers, timeout)
-            except HeyGenError as exc:
-                if not exc.transient or attempt == retries:
-                    raise
-                log.info("HeyGen %s failed (%s); retrying", path, exc)
-                await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    async def _once(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str],
-                    limits: Any) -> dict[str, Any]:
-        try:
-            resp = await self._http.request(method, path, json=body, headers=headers, timeout=limits)
-        except httpx.HTTPError as exc:  # no answer; the message never includes headers
-            raise HeyGenError(path, 0, None, type(exc).__name__) from None
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {"data": payload}
-        code = payload.get("code")
-        if resp.is_success and (code is None or code in SUCCESS_CODES) and not payload.get("error"):
-            return payload
-        message = str(payload.get("message") or payload.get("error") or resp.reason_phrase or "error")[:200]
-        raise HeyGenError(path, resp.status_code, code if isinstance(code, int) else None, message)
 
 
 # ---------------------------------------------------------------- knowledge base

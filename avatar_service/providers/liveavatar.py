@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import httpx
 import orjson
 import websockets
 from redis.exceptions import RedisError
 
 from avatar_service.driver import AvatarError, Speech, sentences_of
-from avatar_service.providers.heygen import VendorSession
 from avatar_service.providers.local import _next_or_interrupt
+from avatar_service.providers.vendor_api import VendorApi, VendorApiError, VendorSession
 from avatar_service.tts import PiperTts
 from common import keys
 from common.bus import Bus
@@ -64,7 +63,6 @@ F_WS_URL = "liveavatar_ws_url"  # embeds a credential: internal only, never logg
 F_STARTED = "liveavatar_started"
 VENDOR_FIELDS = (F_VENDOR_ID, F_LIVEKIT_URL, F_LIVEKIT_TOKEN, F_WS_URL, F_STARTED)
 
-SUCCESS_CODES = {100, 1000}
 RATE = 24_000
 BYTES_PER_S = RATE * 2
 OUTBOX_MAX = 512  # queued commands (≈ 8 min of 1 s audio chunks) before `speak` waits for room
@@ -111,13 +109,8 @@ class LiveAvatarOptions:
 # ---------------------------------------------------------------- REST
 
 
-class LiveAvatarError(Exception):
-    def __init__(self, path: str, status: int, code: int | None, message: str) -> None:
-        super().__init__(f"{path}: HTTP {status}, code {code}: {message}")
-        self.path = path
-        self.status = status
-        self.code = code
-        self.message = message
+class LiveAvatarError(VendorApiError):
+    """A failed LiveAvatar call."""
 
     @property
     def auth(self) -> bool:
@@ -128,10 +121,6 @@ class LiveAvatarError(Exception):
         text = self.message.lower()
         return self.status == 404 or ("session" in text and ("not found" in text or "closed" in text
                                                               or "ended" in text or "stopped" in text))
-
-    @property
-    def transient(self) -> bool:
-        return self.status == 0 or self.status == 429 or self.status >= 500
 
 
 def avatar_error(exc: LiveAvatarError) -> AvatarError:
@@ -152,19 +141,12 @@ class Started:
     ws_url: str
 
 
-class LiveAvatarClient:
+class LiveAvatarClient(VendorApi):
     """The REST API over one pooled client; raises `LiveAvatarError`. Only idempotent calls retry."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0) -> None:
-        self._api_key = api_key
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
-            headers={"Accept": "application/json"},
-        )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    vendor = "LiveAvatar"
+    error = LiveAvatarError
+    key_header = "X-API-KEY"
 
     async def create_token(self, body: dict[str, Any]) -> tuple[str, str]:
         data = await self._call("POST", "/v1/sessions/token", body)
@@ -218,37 +200,6 @@ class LiveAvatarClient:
         payload = await self._request(method, path, body, bearer, retries)
         data = payload.get("data")
         return data if isinstance(data, dict) else {}
-
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None, bearer: str | None,
-                       retries: int) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {"X-API-KEY": self._api_key}
-        for attempt in range(retries + 1):
-            try:
-                return await self._once(method, path, body, headers)
-            except LiveAvatarError as exc:
-                if not exc.transient or attempt == retries:
-                    raise
-                log.info("LiveAvatar %s failed (%s); retrying", path, exc)
-                await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
-
-    async def _once(self, method: str, path: str, body: dict[str, Any] | None,
-                    headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            resp = await self._http.request(method, path, json=body, headers=headers)
-        except httpx.HTTPError as exc:  # the message never includes headers
-            raise LiveAvatarError(path, 0, None, type(exc).__name__) from None
-        try:
-            payload = resp.json()
-        except ValueError:
-            payload = {}
-        if not isinstance(payload, dict):
-            payload = {"data": payload}
-        code = payload.get("code")
-        if resp.is_success and (code is None or code in SUCCESS_CODES):
-            return payload
-        message = payload.get("message") or payload.get("error") or payload.get("detail") or resp.reason_phrase
-        raise LiveAvatarError(path, resp.status_code, code if isinstance(code, int) else None, str(message)[:200])
 
 
 def _unix(value: Any) -> float | None:

@@ -43,16 +43,16 @@ import base64
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from tests.fakes.server import ThreadedFake
 
 LIVEKIT_API_KEY = "devkey"  # `livekit-server --dev` credentials (reference §4.3)
 LIVEKIT_API_SECRET = "secret"
@@ -110,8 +110,10 @@ class FakeError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-class FakeHeyGen:
+class FakeHeyGen(ThreadedFake):
     """The fake server; configuration attributes may be changed while it runs."""
+
+    label = "fake HeyGen"
 
     def __init__(
         self,
@@ -145,46 +147,11 @@ class FakeHeyGen:
         self.issued_tokens: dict[str, str | None] = {}  # token -> the session it created
         self._failures: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self._lock = threading.RLock()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self.port = 0
         self.app = FastAPI()
         self.app.add_api_route("/{path:path}", self._handle, methods=["GET", "POST"])
 
-    # ---- lifecycle
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FakeHeyGen:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake HeyGen did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeHeyGen:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ---- test helpers
+    # ---- test helpers (lifecycle: see ThreadedFake)
 
     def fail_next(self, path: str, status: int = 503, body: dict[str, Any] | None = None, times: int = 1) -> None:
         """The next `times` requests to `path` fail with `status` (a transient outage, by default)."""

@@ -23,16 +23,16 @@ import asyncio
 import base64
 import json
 import re
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
+
+from tests.fakes.server import ThreadedFake
 
 UUID_RE = re.compile(r"^[0-9a-fA-F-]{36}$")
 SANDBOX_AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
@@ -82,7 +82,10 @@ class FakeSession:
         return [r for r in self.received if r.type == kind]
 
 
-class FakeLiveAvatar:
+class FakeLiveAvatar(ThreadedFake):
+    label = "fake LiveAvatar"
+    ws_impl = "websockets"
+
     def __init__(self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0) -> None:
         self.api_key = api_key
         self.connect_delay_s = connect_delay_s
@@ -94,46 +97,11 @@ class FakeLiveAvatar:
         self._failures: dict[str, list[int]] = {}
         self._lock = threading.RLock()
         self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self.app = FastAPI()
         self.app.add_api_websocket_route("/v1/ws/{session_id}", self._ws)
         self.app.add_api_route("/{path:path}", self._handle, methods=["GET", "POST", "DELETE"])
 
-    # ---- lifecycle
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> FakeLiveAvatar:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, ws="websockets")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake LiveAvatar did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeLiveAvatar:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ---- test helpers
+    # ---- test helpers (lifecycle: see ThreadedFake)
 
     def fail_next(self, path: str, status: int = 503, times: int = 1) -> None:
         with self._lock:

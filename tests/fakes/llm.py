@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from tests.fakes.server import ThreadedFake
 
 Script = str | Callable[[list[dict[str, str]]], str]
 
@@ -43,7 +43,9 @@ class LlmRequest:
 
 
 @dataclass
-class FakeLlm:
+class FakeLlm(ThreadedFake):
+    label = "fake LLM"
+
     api_key: str = ""
     default_reply: str = "This is a reply from the fake model. It has two sentences."
     token_delay_s: float = 0.01
@@ -55,14 +57,12 @@ class FakeLlm:
         self.cut_after: int | None = None
         self._lock = threading.Lock()
         self.port = 0
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
         self.app = FastAPI()
         self.app.add_api_route("/v1/chat/completions", self._completions, methods=["POST"])
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.base_url}/v1"
 
     def script(self, replies: list[Script]) -> None:
         with self._lock:
@@ -71,33 +71,6 @@ class FakeLlm:
     def fail_next(self, status: int = 503, times: int = 1) -> None:
         with self._lock:
             self._failures.extend([status] * times)
-
-    def start(self) -> FakeLlm:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("fake LLM did not start")
-            time.sleep(0.01)
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10)
-
-    def __enter__(self) -> FakeLlm:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     async def _completions(self, request: Request) -> Any:
         body = orjson.loads(await request.body() or b"{}")

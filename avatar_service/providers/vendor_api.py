@@ -1,0 +1,98 @@
+"""What the cloud-avatar REST clients (HeyGen, LiveAvatar) share: one pooled HTTP client, the
+vendors' `{code, message, data}` envelope, and retries of idempotent calls on transient failures.
+
+Retrying is opt-in per call: a repeated "new session" could open a second paid session, a
+repeated "speak" would say the text twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+SUCCESS_CODES = {100, 1000}  # HeyGen answers 100, LiveAvatar 1000
+
+
+class VendorApiError(Exception):
+    """A failed call: HTTP `status` (0 = no answer), the vendor's `code` and `message`."""
+
+    def __init__(self, path: str, status: int, code: int | None, message: str) -> None:
+        super().__init__(f"{path}: HTTP {status}, code {code}: {message}")
+        self.path = path
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+@dataclass(frozen=True)
+class VendorSession:
+    """A vendor session as its list endpoint reports it (for the orphan reaper)."""
+
+    session_id: str
+    status: str
+    created_at: float | None  # unix seconds
+
+
+class VendorApi:
+    """Base of a vendor REST client; subclasses name their error type and API-key header."""
+
+    vendor: ClassVar[str] = "vendor"
+    error: ClassVar[type[VendorApiError]] = VendorApiError
+    key_header: ClassVar[str] = "X-Api-Key"
+
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._api_key = api_key
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
+            headers={"Accept": "application/json"},
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None, bearer: str | None,
+                       retries: int, timeout_s: float | None = None) -> dict[str, Any]:
+        """The whole response envelope; retried `retries` times on transient failures only."""
+        headers = {"Authorization": f"Bearer {bearer}"} if bearer else {self.key_header: self._api_key}
+        timeout = httpx.Timeout(timeout_s) if timeout_s else httpx.USE_CLIENT_DEFAULT
+        for attempt in range(retries + 1):
+            try:
+                return await self._once(method, path, body, headers, timeout)
+            except VendorApiError as exc:
+                if not exc.transient or attempt == retries:
+                    raise
+                log.info("%s %s failed (%s); retrying", self.vendor, path, exc)
+                await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def _once(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str],
+                    limits: Any) -> dict[str, Any]:
+        try:
+            resp = await self._http.request(method, path, json=body, headers=headers, timeout=limits)
+        except httpx.HTTPError as exc:  # no answer; the message never includes headers
+            raise self.error(path, 0, None, type(exc).__name__) from None
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = {}
+        if not isinstance(payload, dict):
+            payload = {"data": payload}
+        code = payload.get("code")
+        if resp.is_success and (code is None or code in SUCCESS_CODES) and not payload.get("error"):
+            return payload
+        message = payload.get("message") or payload.get("error") or payload.get("detail") or resp.reason_phrase
+        raise self.error(path, resp.status_code, code if isinstance(code, int) else None, str(message or "error")[:200])
