@@ -6,8 +6,7 @@ FROM node:20-bookworm-slim AS frontend
 WORKDIR /src/frontend
 COPY frontend/package.json frontend/package-lock.json ./
 RUN npm ci --no-audit --no-fund --loglevel=error \
- && mkdir -p vendor \
- && cp node_modules/livekit-client/dist/livekit-client.umd.js vendor/
+ && test -f node_modules/livekit-client/dist/livekit-client.umd.js
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -26,7 +25,7 @@ RUN useradd --create-home --uid 10001 app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY --chown=app:app frontend frontend
-COPY --from=frontend --chown=app:app /src/frontend/vendor frontend/vendor
+COPY --from=frontend --chown=app:app /src/frontend/node_modules/livekit-client/dist frontend/node_modules/livekit-client/dist
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8000
 USER app
 EXPOSE 8000

@@ -15,7 +15,7 @@ test: setup-system setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -ra
 
-setup: $(STAMP) frontend/vendor/livekit-client.umd.js
+setup: $(STAMP) frontend/node_modules/livekit-client/dist/livekit-client.umd.js
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-frontend/vendor/livekit-client.umd.js: frontend/package.json frontend/package-lock.json
+frontend/node_modules/livekit-client/dist/livekit-client.umd.js: frontend/package.json frontend/package-lock.json
 	bash frontend/setup.sh
 
 # Test-only system tools: Chromium for browser tests, espeak-ng + sox to make test speech,
@@ -42,4 +42,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) frontend/node_modules frontend/vendor artifacts
+	rm -rf $(VENV) frontend/node_modules artifacts

@@ -2,9 +2,9 @@
 // joins the room with the url and client token the server handed out, shows the remote tracks,
 // and relays the vendor's data-channel events (e.g. avatar_start_talking) up to the server.
 //
-// livekit-client is loaded on demand from /vendor/ (see setup.sh): the local avatar never needs it.
+// livekit-client is loaded on demand from its pinned npm build (see setup.sh): the local avatar never needs it.
 
-const VENDOR_SCRIPT = new URL("./vendor/livekit-client.umd.js", import.meta.url);
+const VENDOR_SCRIPT = new URL("./node_modules/livekit-client/dist/livekit-client.umd.js", import.meta.url);
 const MAX_RELAY_BYTES = 3500; // the server accepts avatar.event payloads up to 4 KiB
 
 let loading = null;

@@ -21,12 +21,14 @@ FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
 
 class PageFiles(StaticFiles):
-    """The page's files, minus what only its setup step needs (npm tree, manifests, scripts)."""
+    """The page's files and the browser build of livekit-client, minus what only setup needs."""
 
     HIDDEN = ("node_modules", "package.json", "package-lock.json", "setup.sh", "README.md")
+    SHOWN = ("node_modules", "livekit-client", "dist")  # the one npm folder the page loads
 
     def lookup_path(self, path: str):
-        if any(part in self.HIDDEN or part.startswith(".") for part in Path(path).parts):
+        parts = Path(path).parts
+        if parts[:3] != self.SHOWN and any(p in self.HIDDEN or p.startswith(".") for p in parts):
             return "", None
         return super().lookup_path(path)
 

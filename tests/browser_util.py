@@ -56,8 +56,8 @@ def require_browser() -> str:
 
 
 def require_vendor() -> None:
-    if not (FRONTEND / "vendor" / "livekit-client.umd.js").is_file():
-        pytest.fail("frontend/vendor/livekit-client.umd.js is missing: run frontend/setup.sh")
+    if not (FRONTEND / "node_modules" / "livekit-client" / "dist" / "livekit-client.umd.js").is_file():
+        pytest.fail("livekit-client is not installed: run frontend/setup.sh")
 
 
 def chromium_args(mic_wav: Path | None) -> list[str]:

@@ -172,7 +172,7 @@ def test_cloud_avatar_joins_livekit_room(tmp_path):
         assert frame.get_attribute("data-view") == "video"
         assert page.locator("#avatar-video").is_visible()
 
-        # livekit-client loaded from /vendor/ and really dialled the room with that token...
+        # livekit-client loaded from its local npm build and really dialled the room with that token...
         page.wait_for_function("window.__avatarStack.livekit?.connectAttempts === 1", timeout=10_000)
         deadline = time.monotonic() + 15
         while not any(s.startswith(url) for s in sockets) and time.monotonic() < deadline:

@@ -215,6 +215,10 @@ async def test_the_page_and_health_are_served(gateway: Stack):
         assert "gateway_audio_frames_total" in metrics.text
         page = await http.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
+        # The page's one npm asset is served locally; the rest of the setup tree is not.
+        assert (await http.get("/node_modules/livekit-client/dist/livekit-client.umd.js")).status_code == 200
+        for hidden in ("/package.json", "/setup.sh", "/node_modules/livekit-client/package.json"):
+            assert (await http.get(hidden)).status_code == 404
 
 
 async def test_token_never_reaches_the_logs(gateway: Stack):
