@@ -30,6 +30,9 @@ def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redi
         decode_responses=False,
         max_connections=max_connections,
         health_check_interval=15,
+        # Longer than any BLOCK we use (≤ 5 s), so only a read that hangs on a dead socket times out
+        # (and is retried) instead of waiting forever.
+        socket_timeout=15,
         socket_keepalive=True,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
