@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup setup-system frontend lint clean
+.PHONY: run test setup setup-system frontend lint audit clean
 
 run: setup
 	$(BIN)/avatar-stack up
@@ -41,5 +41,11 @@ setup-system:
 lint: setup
 	$(BIN)/ruff check .
 
+# Known vulnerabilities in the installed dependencies (pip-audit, in a venv of its own so it never
+# changes ours). Report-only: offline machines cannot reach the advisory database.
+audit: setup
+	test -x .venv-audit/bin/pip-audit || ($(PYTHON) -m venv .venv-audit && .venv-audit/bin/pip install --quiet pip-audit==2.10.1)
+	-timeout 300 .venv-audit/bin/pip-audit --path "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" --progress-spinner off --desc on
+
 clean:
-	rm -rf $(VENV) frontend/node_modules artifacts
+	rm -rf $(VENV) .venv-audit frontend/node_modules artifacts
