@@ -13,6 +13,7 @@ from avatar_service.reaper import run_reaper
 from avatar_service.responder import LocalResponder
 from avatar_service.worker import AvatarWorker
 from common.bus import Bus
+from common.metrics import serve_metrics
 from common.service import run_service
 from common.settings import Settings, get_settings
 
@@ -29,7 +30,9 @@ def run(settings: Settings | None = None) -> None:
         # Redis) cost money: the reaper stops them.
         reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name != "local" else None
         try:
-            await AvatarWorker(r, settings, driver, make_brain(r, settings, responder)).run(stop)
+            worker = AvatarWorker(r, settings, driver, make_brain(r, settings, responder))
+            worker.claims.metrics_port = serve_metrics(settings.metrics_host, settings.avatar_metrics_port)
+            await worker.run(stop)
         finally:
             if reaper is not None:
                 reaper.cancel()

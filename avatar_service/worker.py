@@ -15,14 +15,17 @@ import time
 from collections import deque
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
 
 from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
 from common import keys
 from common.bus import Bus
 from common.jobs import Job
+from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
     AvatarReply,
+    AvatarStoppedTalking,
     AvatarVendorEvent,
     SessionEnd,
     SpeechStarted,
@@ -34,6 +37,11 @@ from common.settings import Settings
 from common.worker import ClaimLoop
 
 log = logging.getLogger(__name__)
+
+TURN_TO_ANSWER = Histogram(
+    "avatar_turn_to_answer_seconds", "User turn added to Redis -> this worker starts answering it", buckets=HOP_BUCKETS
+)
+TURNS = Counter("avatar_turns_answered_total", "User turns answered", ["source"])  # voice | text
 
 READ_BLOCK_MS = 1000
 MAX_PENDING_TURNS = 8
@@ -97,6 +105,8 @@ class _Conversation:
         """Returns True when the session ended (as opposed to being handed to another worker)."""
         record = await self.w.store.get(self.sid) or {}
         after = record.get(keys.F_AVATAR_CURSOR, "0")
+        if record.get(keys.F_AVATAR_REPLY):
+            await self._close_cut_reply(record[keys.F_AVATAR_REPLY])
         speaker = asyncio.create_task(self._speaker())
         try:
             while True:
@@ -157,6 +167,9 @@ class _Conversation:
                     pipe.expire(answered, int(self.w.settings.session_max_s) + 60)
                     await pipe.execute()
                 reply_id = f"r-{turn.turn_id}"
+                TURN_TO_ANSWER.observe(entry_age_s(entry_id))
+                TURNS.labels(turn.source).inc()
+                await self.w.store.set_fields(self.sid, **{keys.F_AVATAR_REPLY: reply_id})
                 if self.avatar.answers_itself:  # the vendor writes the answer from what was said
                     speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
                 else:  # our brain writes the answer; speech starts with its first sentence
@@ -166,7 +179,8 @@ class _Conversation:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
                 except asyncio.CancelledError:
                     self.speaking.cancel()
-                    raise
+                    raise  # handed over mid-reply: the field stays, for the next owner to close it
+                await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
                 if not self.speaking.cancelled() and self.speaking.exception() is not None:
                     log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
             finally:
@@ -204,6 +218,13 @@ class _Conversation:
                 return
             await reply.changed.wait()
 
+    async def _close_cut_reply(self, reply_id: str) -> None:
+        """The previous owner died (or was handed over) mid-reply: its `avatar.stopped_talking` never
+        came and the turn counts as answered, so say it here, once, or the page shows it speaking."""
+        if await self.w.r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY):
+            log.info("closing reply %s cut by the previous owner", reply_id, extra={"sid": self.sid})
+            await self.w.bus.publish_event(self.sid, AvatarStoppedTalking(reply_id=reply_id, interrupted=True))
+
     async def _save_cursor(self, last_read: str) -> None:
         """Resume point for a takeover: just before the oldest turn not yet answered."""
         cursor = _before(self.pending_ids[0]) if self.pending_ids else last_read
@@ -214,11 +235,10 @@ class _Conversation:
         record = await self.w.store.get(self.sid)
         if record is None or record.get(keys.F_STATE) == "ended":
             return True
+        left_at = await self.w.store.disconnected_since(self.sid)
         now = time.time()
-        connected = int(record.get(keys.F_CONNECTED, "0") or 0) > 0
-        left_at = float(record.get(keys.F_DISCONNECTED_AT, "0") or 0)
         reason = None
-        if not connected and now - left_at > self.w.settings.session_grace_s:
+        if left_at is not None and now - left_at > self.w.settings.session_grace_s:
             reason = "browser_left"
         elif now - self.last_activity > self.w.settings.session_idle_timeout_s:
             reason = "idle_timeout"

@@ -21,10 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--url", default=None, help="gateway URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
     say.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply")
     say.add_argument("--api-key", default=None, help="GATEWAY_API_KEY, if the gateway requires one")
+    bench = sub.add_parser("bench", help="measure per-hop latency and capacity with fake vendors (see bench/)")
+    bench.set_defaults(bench_parser=bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
 
     settings = get_settings()
@@ -52,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         key = args.api_key or (settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None)
         return asyncio.run(say_file(args.wav, url, timeout_s=args.timeout, api_key=key))
     return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """The benchmark lives in the checkout's `bench/` and uses its `tests/fakes/`: run from a checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "fakes").is_dir():
+        print("avatar-stack bench needs a checkout of the repository (it uses tests/fakes/)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    from bench.capacity import build_parser as bench_parser
+    from bench.capacity import run as run_bench
+
+    return run_bench(bench_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def main() -> None:
     port, redis_port = free_port(), free_port()
     redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
-           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": "WARNING"}
+           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": "WARNING",
+           "SESSION_CREATE_RATE_PER_MIN": "0"}  # --n sessions from 127.0.0.1
     procs = {
         name: subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env)
         for name in ("gateway", "stt-worker", "avatar-worker")

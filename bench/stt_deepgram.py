@@ -198,7 +198,9 @@ async def sample(pids: dict[str, int], result: Round) -> None:
 # --- the stack -------------------------------------------------------------------------------
 
 
-async def wait_ready(base_url: str, redis_url: str, procs: dict[str, asyncio.subprocess.Process]) -> None:
+async def wait_ready(
+    base_url: str, redis_url: str, procs: dict[str, asyncio.subprocess.Process], kinds: tuple[str, ...] = ("stt",)
+) -> None:
     r = aioredis.Redis.from_url(redis_url)
     try:
         async with asyncio.timeout(WAIT_S), httpx.AsyncClient(base_url=base_url, timeout=1) as http:
@@ -210,8 +212,11 @@ async def wait_ready(base_url: str, redis_url: str, procs: dict[str, asyncio.sub
                     healthy = (await http.get("/healthz")).status_code == 200
                 except httpx.HTTPError:
                     healthy = False
-                workers = [orjson.loads(w) for w in await r.hvals(keys.workers("stt"))]
-                if healthy and any(time.time() - w["ts"] < 3 for w in workers):
+                fresh = []
+                for kind in kinds:
+                    workers = [orjson.loads(w) for w in await r.hvals(keys.workers(kind))]
+                    fresh.append(any(time.time() - w["ts"] < 3 for w in workers))
+                if healthy and all(fresh):
                     return
                 await asyncio.sleep(0.1)
     finally:
@@ -228,6 +233,7 @@ async def measure(redis_url: str, redis_pid: int, counts: list[int], utterances:
             "STT_PROVIDER": "deepgram", "DEEPGRAM_API_KEY": KEY, "DEEPGRAM_URL": fake.url,
             "STT_CAPACITY": str(max(counts) + 8), "ADMISSION_CONTROL": "false",
             "SESSION_IDLE_TIMEOUT_S": "600", "LOG_LEVEL": "WARNING",
+            "SESSION_CREATE_RATE_PER_MIN": "0",  # every session comes from 127.0.0.1 at once
         }
         procs = {
             name: await asyncio.create_subprocess_exec(sys.executable, "-m", "avatar_stack.cli", name, env=env)

@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from common import keys
 from common.models import Turn, turn_adapter
+from common.pipelining import PipelinedXadd
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Bus:
     def __init__(self, r: aioredis.Redis, settings: Settings) -> None:
         self.r = r
         self.settings = settings
+        self.audio_writer = PipelinedXadd(r)  # many sessions' frames, one round trip
 
     # ---- events:{sid} (to the browser)
 
@@ -95,9 +97,7 @@ class Bus:
     # ---- audio:{sid} (to the STT worker)
 
     async def publish_audio(self, sid: str, pcm: bytes) -> bytes:
-        return await self.r.xadd(
-            keys.audio(sid), {"pcm": pcm}, maxlen=self.settings.audio_stream_maxlen, approximate=True
-        )
+        return await self.audio_writer.xadd(keys.audio(sid), {"pcm": pcm}, self.settings.audio_stream_maxlen)
 
     async def publish_audio_end(self, sid: str, reason: str) -> bytes:
         return await self.r.xadd(

@@ -46,6 +46,18 @@ class JobStream:
     return lost
     """
 
+    # Makes the entry idle past any lease (the next XAUTOCLAIM takes it), only if this consumer
+    # still owns it: a late hand-back must not take a session away from the worker that took it
+    # over (that worker would lose it and resume it a second time).
+    HAND_BACK_LUA = """
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+    if p[1] ~= nil and p[1][2] == ARGV[2] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+      return 1
+    end
+    return 0
+    """
+
     def __init__(
         self, r: aioredis.Redis, stream: str, group: str, consumer: str, lease_ms: int
     ) -> None:
@@ -55,6 +67,7 @@ class JobStream:
         self.consumer = consumer
         self.lease_ms = lease_ms
         self._heartbeat = r.register_script(self.HEARTBEAT_LUA)
+        self._hand_back = r.register_script(self.HAND_BACK_LUA)
 
     @staticmethod
     async def submit(r: aioredis.Redis, stream: str, session_id: str) -> str:
@@ -121,12 +134,15 @@ class JobStream:
             pipe.xdel(self.stream, job.entry_id)
             await pipe.execute()
 
-    async def hand_back(self, job: Job) -> None:
-        """Make a live session claimable by another worker at once (graceful shutdown)."""
-        await self.r.xclaim(
-            self.stream, self.group, self.consumer, min_idle_time=0, message_ids=[job.entry_id],
-            idle=self.lease_ms * 1000, justid=True,
-        )
+    async def hand_back(self, job: Job) -> bool:
+        """Make a live session claimable by another worker at once (graceful shutdown); False
+        (and nothing changed) if another worker has taken it over already."""
+        handed = bool(await self._hand_back(
+            keys=[self.stream], args=[self.group, self.consumer, job.entry_id, self.lease_ms * 1000]
+        ))
+        if not handed:
+            log.warning("session %s was taken over already; not handing it back", job.session_id)
+        return handed
 
 
 def _job(entry_id: bytes | str, fields: dict, *, taken_over: bool = False) -> Job:

@@ -42,8 +42,14 @@ def history(sid: str) -> str:
     return f"history:{{{sid}}}"
 
 
+def conns(sid: str) -> str:
+    """Sorted set: the session's open browser sockets, socket id → expiry (unix s). Each gateway
+    refreshes its own, so a killed gateway's sockets expire instead of counting forever."""
+    return f"conns:{{{sid}}}"
+
+
 def all_session_keys(sid: str) -> list[str]:
-    return [session(sid), audio(sid), turns(sid), events(sid), answered(sid), history(sid)]
+    return [session(sid), audio(sid), turns(sid), events(sid), answered(sid), history(sid), conns(sid)]
 
 
 def workers(kind: str) -> str:
@@ -61,11 +67,11 @@ F_TOKEN_HASH = "token_sha256"
 F_CREATED = "created_at"
 F_ENDED_REASON = "ended_reason"
 F_LAST_SEEN = "last_seen_at"  # last browser activity (unix s)
-F_CONNECTED = "connected"  # "1" while a browser socket is open
-F_DISCONNECTED_AT = "disconnected_at"
+F_DISCONNECTED_AT = "disconnected_at"  # when the last socket closed (expiries are in `conns:{sid}`)
 F_STT_CURSOR = "stt_cursor"  # last audio entry id fully covered by a final / silence
 F_STT_CURSOR_T = "stt_cursor_t"  # session audio time (s) at that cursor
 F_AVATAR_CURSOR = "avatar_cursor"  # last turn entry id handled
 F_STT_OWNER = "stt_owner"
 F_AVATAR_OWNER = "avatar_owner"
+F_AVATAR_REPLY = "avatar_reply"  # reply id being spoken: a takeover closes it with stopped_talking
 F_CONFIG = "config"  # JSON of SessionConfig

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 AVATAR_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -75,6 +76,16 @@ class AvatarEventIn(_Msg):
     model_config = ConfigDict(extra="allow")
     type: Literal["avatar.event"]
     event: str = Field(min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _payload_fits_the_bus(self) -> AvatarEventIn:
+        """The extra fields are relayed as JSON on the bus: refuse here what orjson cannot write
+        (integers past 64 bits), so the page gets `bad_message` instead of a dropped socket."""
+        try:
+            orjson.dumps(self.model_extra or {})
+        except orjson.JSONEncodeError as exc:
+            raise ValueError(f"payload cannot be relayed: {exc}") from None
+        return self
 
 
 class EndIn(_Msg):

@@ -27,10 +27,24 @@ STATE_ENDED = "ended"
 _UPDATE_IF_EXISTS = (
     "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
 )
-_INCR_IF_EXISTS = (
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return false end "
-    "return redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])"
+# Presence: `conns:{sid}` maps socket id → expiry. Expired entries are pruned only by a touch (the
+# touched entry outlives them) or by the last drop (which records `disconnected_at` = now, later
+# than them), so the latest expiry, and with it when the page left, is never lost.
+_TOUCH_CONNECTION = (
+    "local s = redis.call('HGET', KEYS[1], 'state') "
+    "if (not s) or s == 'ended' then return 0 end "
+    "redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2]) "
+    "redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) "
+    "redis.call('EXPIRE', KEYS[2], ARGV[4]) return 1"
 )
+_DROP_CONNECTION = (
+    "redis.call('ZREM', KEYS[2], ARGV[1]) "
+    "if redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[2], '+inf') > 0 then return 1 end "
+    "redis.call('DEL', KEYS[2]) "
+    "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'disconnected_at', ARGV[2]) end "
+    "return 0"
+)
+PRESENCE_EXPIRY_FACTOR = 3  # a socket entry outlives this many missed refreshes
 
 
 def hash_token(token: str) -> str:
@@ -59,7 +73,6 @@ class SessionStore:
                     keys.F_TOKEN_HASH: hash_token(token),
                     keys.F_CREATED: f"{now:.3f}",
                     keys.F_LAST_SEEN: f"{now:.3f}",
-                    keys.F_CONNECTED: "0",
                     keys.F_DISCONNECTED_AT: f"{now:.3f}",
                     keys.F_CONFIG: orjson.dumps(config.model_dump(mode="json")),
                 },
@@ -92,9 +105,37 @@ class SessionStore:
         args = [x for pair in fields.items() for x in pair]
         return bool(await self.r.eval(_UPDATE_IF_EXISTS, 1, keys.session(sid), *args))
 
-    async def add_connection(self, sid: str, delta: int) -> int | None:
-        """Count browser sockets of a session; None when the session is gone."""
-        return await self.r.eval(_INCR_IF_EXISTS, 1, keys.session(sid), keys.F_CONNECTED, delta)
+    @property
+    def presence_expiry_s(self) -> float:
+        return PRESENCE_EXPIRY_FACTOR * self.settings.browser_presence_refresh_s
+
+    async def touch_connection(self, sid: str, conn_id: str) -> bool:
+        """Mark a browser socket live for `presence_expiry_s` more; the gateway repeats this every
+        `browser_presence_refresh_s`, so a socket whose gateway died stops counting on its own.
+        False when the session is ended or gone (nothing is written)."""
+        now = time.time()
+        key_ttl = int(self.settings.session_max_s) + 60
+        return bool(await self.r.eval(
+            _TOUCH_CONNECTION, 2, keys.session(sid), keys.conns(sid),
+            conn_id, f"{now:.3f}", f"{now + self.presence_expiry_s:.3f}", key_ttl,
+        ))
+
+    async def drop_connection(self, sid: str, conn_id: str) -> None:
+        """A socket closed cleanly: it stops counting now, and if it was the last live one the
+        grace period starts now."""
+        await self.r.eval(_DROP_CONNECTION, 2, keys.session(sid), keys.conns(sid), conn_id, f"{time.time():.3f}")
+
+    async def disconnected_since(self, sid: str) -> float | None:
+        """None while a browser socket is live; else when the last one closed or expired (the
+        creation time if none ever connected)."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.session(sid), keys.F_DISCONNECTED_AT)
+            pipe.zrange(keys.conns(sid), -1, -1, withscores=True)
+            left_at, latest = await pipe.execute()
+        expires = float(latest[0][1]) if latest else 0.0
+        if expires > time.time():
+            return None
+        return max(float(left_at or 0), expires)
 
     async def mark_live(self, sid: str) -> None:
         """created → live; an ended session stays ended."""
@@ -127,6 +168,7 @@ class SessionStore:
         async with self.r.pipeline(transaction=False) as pipe:
             for k in keys.all_session_keys(sid):
                 pipe.expire(k, ttl)
+            pipe.delete(keys.conns(sid))  # presence of an ended session means nothing
             pipe.zrem(keys.SESSIONS_INDEX, sid)
             await pipe.execute()
         return True

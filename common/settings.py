@@ -89,7 +89,20 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_api_key: SecretStr | None = None
     gateway_public_url: str = ""
+    # Browser origins allowed besides the gateway's own (comma-separated, e.g. https://app.example.com);
+    # empty = same origin only; `*` = any (only when set explicitly)
+    allowed_origins: str = ""
+    # Addresses whose X-Forwarded-For / X-Forwarded-Proto uvicorn trusts (the proxy's); as uvicorn's default
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    session_create_rate_per_min: float = Field(default=30.0, ge=0)  # per client address; 0 = no limit
+    session_create_burst: int = Field(default=10, ge=0)  # sessions a client may create at once; 0 = no limit
     frontend_dir: str = Field(default="", description="the page's folder; empty = frontend/ of this checkout")
+    # A send to a browser that cannot complete in this long closes its socket with 4408 (the page
+    # reconnects with `last_event`; the events wait in Redis), so a stalled page holds no memory.
+    browser_send_timeout_s: float = Field(default=10.0, gt=0)
+    # The gateway refreshes each open socket's presence this often; an entry not refreshed for 3
+    # times as long (its gateway died) no longer counts as connected, and the grace period runs.
+    browser_presence_refresh_s: float = Field(default=5.0, gt=0)
 
     # Sessions
     session_grace_s: float = 15.0
@@ -113,6 +126,11 @@ class Settings(BaseSettings):
     max_text_chars: int = 2000
 
     log_level: str = "INFO"
+    # Workers' Prometheus endpoints (the gateway serves /metrics on its own port). A taken port
+    # falls back to a free one, advertised in `workers:{kind}`; 0 = no endpoint.
+    metrics_host: str = "127.0.0.1"
+    stt_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    avatar_metrics_port: int = Field(default=9102, ge=0, le=65535)
 
     def resolved_stt_provider(self) -> str:
         if self.stt_provider != "auto":

@@ -21,13 +21,16 @@ from redis.exceptions import RedisError
 
 from common import keys
 from common.jobs import Job, JobStream
+from common.metrics import SESSIONS_ACTIVE, SESSIONS_CLAIMED, SESSIONS_FAILED, SESSIONS_HANDED_BACK, SESSIONS_LOST
 from common.models import ErrorEvent
+from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
 Serve = Callable[[Job], Awaitable[None]]
 SHUTDOWN_TIMEOUT_S = 10.0
+CANCEL_AGAIN_S = 0.5  # see ClaimLoop._cancel_sessions
 
 
 def consumer_name(kind: str) -> str:
@@ -61,6 +64,7 @@ class ClaimLoop:
         self._lost: set[str] = set()
         self._handing_back = False
         self._slot_freed = asyncio.Event()
+        self.metrics_port = 0  # advertised, so ops and tests find this worker's /metrics
 
     @property
     def load(self) -> int:
@@ -68,6 +72,7 @@ class ClaimLoop:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.jobs.ensure_group()
+        freeze_startup_objects()  # models are loaded by now
         heartbeat = asyncio.create_task(self._heartbeat_loop(stop))
         log.info("%s worker %s ready, capacity %d", self.kind, self.consumer, self.capacity)
         try:
@@ -99,6 +104,8 @@ class ClaimLoop:
         )
         task = asyncio.create_task(self._run_session(job), name=f"{self.kind}:{job.session_id}")
         self.active[job.entry_id] = (job, task)
+        SESSIONS_CLAIMED.labels(self.kind, "takeover" if job.taken_over else "new").inc()
+        SESSIONS_ACTIVE.labels(self.kind).set(len(self.active))
 
     async def _run_session(self, job: Job) -> None:
         hand_back = False
@@ -113,6 +120,7 @@ class ClaimLoop:
             hand_back = True
         except Exception:
             log.exception("%s session %s failed", self.kind, job.session_id)
+            SESSIONS_FAILED.labels(self.kind).inc()
             try:
                 await self.store.bus.publish_event(
                     job.session_id,
@@ -124,17 +132,21 @@ class ClaimLoop:
                 hand_back = True
         finally:
             self.active.pop(job.entry_id, None)
+            SESSIONS_ACTIVE.labels(self.kind).set(len(self.active))
             self._slot_freed.set()
             if job.entry_id in self._lost:
                 self._lost.discard(job.entry_id)
             elif self._handing_back or hand_back:
+                SESSIONS_HANDED_BACK.labels(self.kind).inc()
                 await _quietly(self.jobs.hand_back(job))
             else:
                 await _quietly(self.jobs.done(job))
 
     async def advertise(self) -> None:
         """Tell the world (gateway admission, ops, tests) this worker's capacity and load."""
-        entry = orjson.dumps({"capacity": self.capacity, "load": self.load, "ts": time.time()})
+        entry = orjson.dumps(
+            {"capacity": self.capacity, "load": self.load, "ts": time.time(), "metrics_port": self.metrics_port}
+        )
         await self.jobs.r.hset(keys.workers(self.kind), self.consumer, entry)
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
@@ -149,6 +161,7 @@ class ClaimLoop:
             for entry_id in lost & self.active.keys():
                 job, task = self.active[entry_id]
                 log.warning("lost session %s to another worker; stopping here", job.session_id)
+                SESSIONS_LOST.labels(self.kind).inc()
                 self._lost.add(entry_id)
                 task.cancel()
             await asyncio.sleep(self.heartbeat_s)
@@ -159,11 +172,27 @@ class ClaimLoop:
         with contextlib.suppress(RedisError, OSError):
             await self.jobs.r.hdel(keys.workers(self.kind), self.consumer)
         tasks = [task for _, task in self.active.values()]
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+            await self._cancel_sessions(tasks)
             log.info("handed back %d session(s)", len(tasks))
+
+    async def _cancel_sessions(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Cancel the session tasks and wait for them. One cancel is not enough: on Python 3.11
+        `asyncio.wait_for`, which redis-py wraps every send in (we set `socket_timeout`), drops a
+        cancel that lands while the send completes, and the session would go on serving next to
+        the worker that took it over. So a task still serving (in `active`, i.e. not yet handing
+        back) is cancelled again every CANCEL_AGAIN_S until it stops."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_TIMEOUT_S
+        pending, first = set(tasks), True
+        while pending and (left := deadline - loop.time()) > 0:
+            serving = pending & {task for _, task in self.active.values()}
+            if serving and not first:
+                log.warning("%d session(s) still serving after a cancel; cancelling again", len(serving))
+            for task in serving:
+                task.cancel()
+            first = False
+            _, pending = await asyncio.wait(pending, timeout=min(CANCEL_AGAIN_S, left))
 
 
 async def _wait_any(a: asyncio.Event, b: asyncio.Event, wait_s: float) -> None:
@@ -175,7 +204,7 @@ async def _wait_any(a: asyncio.Event, b: asyncio.Event, wait_s: float) -> None:
             w.cancel()
 
 
-async def _quietly(coro: Awaitable[None]) -> None:
+async def _quietly(coro: Awaitable[object]) -> None:
     try:
         await coro
     except (RedisError, OSError) as exc:

@@ -4,12 +4,13 @@
 //
 // Test-observable state: <body data-state data-avatar-speaking data-provider data-session-id
 // data-muted data-audio-level>, #transcript li[data-final] / li.avatar[data-reply-id], and
-// window.__avatarStack (handleEvent, ws, counters, timings).
+// window.__avatarStack (handleEvent, ws, counters, timings, latency).
 
 import { MicCapture, listMicrophones, micErrorMessage } from "./capture.js";
 import { CloudAvatar } from "./cloud.js";
 import { SessionSocket } from "./connection.js";
 import { Face } from "./face.js";
+import { LatencyPanel, LatencyTracker } from "./latency.js";
 import { SpeechPlayer } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
@@ -64,6 +65,11 @@ const cloud = new CloudAvatar({
   onVendorEvent: relayVendorEvent,
   onState: onCloudState,
 });
+
+// Latency breakdown per reply for the footer's "Latency" panel; `?debug=1` opens it on load.
+const breakdown = new LatencyTracker({ onChange: () => latencyPanel.render() });
+const latencyPanel = new LatencyPanel($("latency"), breakdown);
+if (/^(1|true|on)$/.test(new URLSearchParams(location.search).get("debug") || "")) $("latency").open = true;
 
 const app = {
   state: "idle",
@@ -288,6 +294,9 @@ function onSocketStatus(status, detail = {}) {
     case "unknown_session":
       showBanner(detail.reason, "This conversation is no longer available. Start a new one.");
       break;
+    case "origin_not_allowed":
+      showBanner(detail.reason, "This page's address is not allowed to connect to the server (ALLOWED_ORIGINS).");
+      break;
     case "connection_lost":
       showBanner("connection_lost", "Connection lost. The conversation could not be resumed; start a new one.");
       break;
@@ -308,15 +317,18 @@ function handleEvent(event) {
       break;
     case "transcript.final":
       app.lastFinalAt = performance.now();
+      breakdown.final(event, app.lastFinalAt, app.lastVoiceAt);
       upsertUtterance(event.utterance_id, event.text, true);
       break;
     case "avatar.reply":
       if (!app.replyAt.has(event.reply_id)) app.replyAt.set(event.reply_id, performance.now());
       if (app.replyAt.size > 64) app.replyAt.delete(app.replyAt.keys().next().value);
+      breakdown.reply(event, performance.now());
       upsertReply(event.reply_id, event.text);
       break;
     case "avatar.started_talking":
       app.cloudSpeaking = true;
+      if (app.livekit) breakdown.audio(event.reply_id, event.ts, performance.now(), "cloud"); // local: first chunk
       markReply(event.reply_id, "speaking", "true");
       break;
     case "avatar.stopped_talking":
@@ -372,6 +384,7 @@ function onReady(event) {
 
 function onAudio(meta, pcm) {
   if (app.livekit) return; // cloud avatars speak through LiveKit
+  breakdown.audio(meta.reply_id, meta.ts, performance.now(), "local");
   player.enqueue(meta, pcm);
 }
 
@@ -476,6 +489,7 @@ function clearConversation() {
   ui.transcript.replaceChildren();
   ui.emptyHint.hidden = false;
   ui.detail.latency.textContent = "–";
+  breakdown.reset();
 }
 
 function addMessage(role) {
@@ -560,6 +574,7 @@ function sendTyped(e) {
     return;
   }
   app.lastTypedAt = performance.now();
+  breakdown.typed(app.lastTypedAt);
   const li = addMessage("user");
   li.dataset.source = "text";
   li.dataset.final = "true";
@@ -579,6 +594,7 @@ const BANNER_TITLES = [
   [/capacity|busy|concurren|quota/, "All avatars are busy"],
   [/key|auth|credential|unauthori|config/, "Not configured"],
   [/mic|microphone/, "Microphone unavailable"],
+  [/origin/, "Not allowed from this page"],
   [/connection|not_connected|network/, "Connection"],
   [/reconnected/, "Back online"],
   [/video|livekit/, "Avatar video"],
@@ -636,6 +652,7 @@ function clearBanners() {
 // ------------------------------------------------------------------------------------ timing
 
 player.onReplyHeard = (replyId, heardAt) => {
+  breakdown.heard(replyId, heardAt);
   // Response time: from the end of the user's speech (or the typed message) to the avatar's
   // first audio reaching the speakers.
   const voice = app.lastVoiceAt > app.lastHeardAt && app.lastVoiceAt > app.lastTypedAt;
@@ -753,6 +770,9 @@ window.__avatarStack = {
   },
   get bargeIns() {
     return app.bargeIns.slice();
+  },
+  get latency() {
+    return breakdown.snapshot(); // the Latency panel's numbers: {last, median, count, replies}
   },
   get livekit() {
     return app.livekit && { ...app.livekit, connectAttempts: cloud.connectAttempts, eventsRelayed: cloud.eventsRelayed };

@@ -8,10 +8,18 @@ const PING_EVERY_MS = 15000;
 const MAX_BUFFERED_BYTES = 256 * 1024; // above this, drop audio rather than queue it (stale speech)
 const BACKLOG_FRAMES = 100; // while (re)connecting, keep the last 2 s of speech to send on open
 
-// Close codes after which reconnecting cannot help.
+// Close codes after which reconnecting cannot help. Every other code reconnects with
+// `last_event` within the grace period: 1006 (network), 1011 (the server's bus failed), 4408 (this
+// page read too slowly; the server kept the events).
 const FINAL_CLOSES = {
   4401: "bad_token",
+  4403: "origin_not_allowed",
   4404: "unknown_session",
+};
+// The server refused what this page sent (1003: 20 bad frames in a row; 1009: a frame over
+// 32 KiB); the session goes on. Reconnect once (a glitch); a second time this page is what is
+// broken, so stop instead of looping.
+const REFUSED_CLOSES = {
   1003: "bad_frame",
   1009: "frame_too_large",
 };
@@ -37,6 +45,7 @@ export class SessionSocket {
     this.droppedAt = 0; // when the connection was lost, 0 while connected
     this.attempt = 0;
     this.quietCloses = 0; // 1000 closes in a row with no event in between
+    this.refusedCloses = 0; // 1003/1009 closes: one reconnect is allowed
     this.retryTimer = 0;
     this.pingTimer = 0;
     this.reconnects = 0;
@@ -113,7 +122,8 @@ export class SessionSocket {
       this.onStatus("closed", { reason: "ended", code: e.code });
       return;
     }
-    const final = FINAL_CLOSES[e.code];
+    let final = FINAL_CLOSES[e.code];
+    if (REFUSED_CLOSES[e.code] && ++this.refusedCloses > 1) final = REFUSED_CLOSES[e.code];
     if (final) {
       this.onStatus("closed", { reason: final, code: e.code, message: e.reason });
       return;

@@ -6,16 +6,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from common.bus import Bus, connect
+from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
 from gateway import browser_ws, sessions_api
 from gateway.admission import all_pools
+from gateway.origins import OriginGuard, OriginPolicy
+from gateway.ratelimit import TokenBuckets
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
@@ -45,11 +49,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.bus = bus
         app.state.store = SessionStore(r, bus)
         try:
+            freeze_startup_objects()
             yield
         finally:
             await r.aclose()
 
     app = FastAPI(title="avatar-stack gateway", version="0.1.0", lifespan=lifespan)
+    origins = OriginPolicy.from_settings(settings)
+    app.state.origins = origins  # also checked by the browser WebSocket
+    app.state.session_buckets = TokenBuckets(settings.session_create_rate_per_min, settings.session_create_burst)
+    app.add_middleware(OriginGuard, policy=origins)
+    app.add_middleware(  # outermost: answers preflights; other origins get no CORS headers
+        CORSMiddleware,
+        allow_origins=origins.cors_origins(),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        max_age=600,
+    )
     app.include_router(sessions_api.router)
     app.include_router(browser_ws.router)
 

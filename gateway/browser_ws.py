@@ -4,7 +4,8 @@ Two tasks per socket. `_uplink` validates every frame and publishes it; bad inpu
 `error` event (or a documented close code) and never touches another session. `_downlink`
 reads the session's event stream from where the browser left off (`last_event`), so a
 reconnecting page loses nothing, and sends at the browser's pace: a stalled browser stalls only
-its own reader, and the stream itself is bounded in Redis.
+its own reader, and the stream itself is bounded in Redis. A send that cannot complete within
+`BROWSER_SEND_TIMEOUT_S` closes the socket with 4408; the page reconnects with `last_event`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import time
 
 import orjson
 from fastapi import APIRouter, WebSocket
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from common import keys
 from common.bus import Bus, dump
+from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
     AvatarEventIn,
     AvatarVendorEvent,
@@ -38,14 +40,18 @@ from common.models import (
     browser_message_adapter,
 )
 from common.sessions import SessionStore, new_session_id
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 CLOSE_BAD_TOKEN = 4401
+CLOSE_ORIGIN_NOT_ALLOWED = 4403
 CLOSE_UNKNOWN_SESSION = 4404
 CLOSE_BAD_FRAME = 1003
 CLOSE_TOO_LARGE = 1009
+CLOSE_TOO_SLOW = 4408  # a send did not complete in BROWSER_SEND_TIMEOUT_S: reconnect with last_event
+CLOSE_TIMEOUT_S = 10.0  # how long a close frame may wait behind a full socket before we give up on it
 MAX_BAD_FRAMES_IN_A_ROW = 20
 LAST_SEEN_EVERY_S = 5.0
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -53,6 +59,21 @@ STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 FRAMES_IN = Counter("gateway_audio_frames_total", "Audio frames received from browsers")
 FRAMES_DROPPED = Counter("gateway_audio_frames_dropped_total", "Audio frames refused", ["reason"])
 SOCKETS = Gauge("gateway_browser_sockets", "Open browser WebSockets")
+AUDIO_PUBLISH = Histogram(
+    "gateway_audio_publish_seconds", "Browser audio frame received -> added to its Redis stream", buckets=HOP_BUCKETS
+)
+EVENT_DELIVERY = Histogram(
+    "gateway_event_delivery_seconds",
+    "Event added to Redis -> sent to the browser (live events, not the catch-up after a connect)",
+    buckets=HOP_BUCKETS,
+)
+SLOW_CLOSES = Counter(
+    "gateway_slow_client_closes", "Browser sockets closed with 4408: a send did not complete in time"
+)
+
+
+class ClientTooSlow(Exception):
+    """A send to the browser did not complete within `browser_send_timeout_s`."""
 
 
 @router.websocket("/v1/sessions/{sid}/ws")
@@ -60,6 +81,12 @@ async def browser_socket(ws: WebSocket, sid: str, token: str = "", last_event: s
     app = ws.app
     store: SessionStore = app.state.store
     await ws.accept()
+    if not app.state.origins.allows_scope(ws.scope):
+        # Before the session is looked at: another site's page learns nothing about it.
+        origin, who = (ws.headers.get("origin") or "")[:200], sid[:64]  # both come from the client
+        log.warning("session %s: socket refused, origin %r not allowed", who, origin, extra={"sid": who})
+        await ws.close(CLOSE_ORIGIN_NOT_ALLOWED, "origin not allowed")
+        return
     valid = await store.check_token(sid, token) if token else False
     if valid is None:
         await ws.close(CLOSE_UNKNOWN_SESSION, "unknown session")
@@ -81,39 +108,52 @@ class BrowserConnection:
         self._send_lock = asyncio.Lock()  # an audio event and its binary frame stay adjacent
         self._bad_in_a_row = 0
         self._last_seen_write = 0.0
+        self.conn_id = new_session_id()  # this socket's entry in `conns:{sid}`
         # Token bucket on audio seconds: a client may not stream faster than ~real time.
         self._audio_budget_s = 5.0
         self._audio_budget_at = time.monotonic()
         self._flood_reported = False
 
     async def serve(self, last_event: str) -> None:
-        await self.store.add_connection(self.sid, 1)
+        await self.store.touch_connection(self.sid, self.conn_id)
         await self.store.set_fields(self.sid, **{keys.F_LAST_SEEN: f"{time.time():.3f}"})
         SOCKETS.inc()
         up = asyncio.create_task(self._uplink())
         down = asyncio.create_task(self._downlink(last_event))
-        close_code = 1000
+        presence = asyncio.create_task(self._keep_present())
+        close_code, close_reason = 1000, ""
         try:
-            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({up, down, presence}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if not task.cancelled() and isinstance(task.exception(), RedisError | OSError):
+                if task.cancelled():
+                    continue
+                if isinstance(task.exception(), ClientTooSlow):
+                    # The page stopped reading (or its link is too slow): hold nothing for it. The
+                    # events stay in Redis; 4408 tells the page to reconnect with `last_event`.
+                    SLOW_CLOSES.inc()
+                    log.warning("session %s: browser too slow, closing with 4408", self.sid, extra={"sid": self.sid})
+                    close_code, close_reason = CLOSE_TOO_SLOW, "client too slow"
+                elif isinstance(task.exception(), RedisError | OSError):
                     # The bus failed, not the session: 1011 tells the page to reconnect.
                     log.warning("session %s: bus error %r", self.sid, task.exception(), extra={"sid": self.sid})
                     close_code = 1011
         finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
+            await cancel_and_wait((up, down, presence))
             SOCKETS.dec()
-            with contextlib.suppress(RedisError, OSError):
-                left = await self.store.add_connection(self.sid, -1)
-                if left is not None and left <= 0:
-                    await self.store.set_fields(
-                        self.sid, **{keys.F_CONNECTED: "0", keys.F_DISCONNECTED_AT: f"{time.time():.3f}"}
-                    )
+            with contextlib.suppress(RedisError, OSError):  # else its entry expires on its own
+                await self.store.drop_connection(self.sid, self.conn_id)
             if self.ws.application_state != WebSocketState.DISCONNECTED:
+                # Bounded: behind a stalled page even the close frame waits for room in the socket.
                 with contextlib.suppress(Exception):
-                    await self.ws.close(close_code)
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await self.ws.close(close_code, close_reason)
+
+    async def _keep_present(self) -> None:
+        """Refresh this socket's presence entry while it lives, whether or not the page sends
+        anything: only a gateway that died stops refreshing, and then the entry expires."""
+        while True:
+            await asyncio.sleep(self.settings.browser_presence_refresh_s)
+            await self.store.touch_connection(self.sid, self.conn_id)
 
     # ------------------------------------------------------------------ up
 
@@ -148,7 +188,9 @@ class BrowserConnection:
             return True
         self._bad_in_a_row = 0
         FRAMES_IN.inc()
+        started = time.perf_counter()
         await self.bus.publish_audio(self.sid, pcm)
+        AUDIO_PUBLISH.observe(time.perf_counter() - started)
         return True
 
     def _spend_audio_budget(self, seconds: float) -> bool:
@@ -207,9 +249,11 @@ class BrowserConnection:
     async def _downlink(self, after: str) -> None:
         r = self.store.r
         stream = keys.events(self.sid)
+        live = False  # until the catch-up after connecting is sent: only live events measure delivery
         while True:
             reply = await r.xread({stream: after}, count=64, block=5000 if after != "0" else 1)
             if not reply:
+                live = True
                 record = await self.store.get(self.sid)
                 if record is None or record.get(keys.F_STATE, "ended") == "ended":
                     # Its session.ended event is gone (trimmed or expired): say it anyway.
@@ -220,28 +264,43 @@ class BrowserConnection:
                 if after == "0":
                     after = "0-0"
                 continue
-            for entry_id, fields in reply[0][1]:
+            entries = reply[0][1]
+            for entry_id, fields in entries:
                 after = entry_id.decode()
                 event = fields[b"e"]
-                async with self._send_lock:
-                    await self.ws.send_text(_with_id(event, after))
-                    pcm = fields.get(b"pcm")
-                    if pcm is not None:
-                        await self.ws.send_bytes(pcm)
+                await self._send(_with_id(event, after), fields.get(b"pcm"))
+                if live:
+                    EVENT_DELIVERY.observe(entry_age_s(after))
                 if b'"type":"session.ended"' in event:
                     await self._close(1000, "session ended")
                     return
+            live = live or len(entries) < 64
+
+    async def _send(self, text: str, pcm: bytes | None = None) -> None:
+        """Send an event (and the audio frame that belongs to it, adjacent), or raise
+        `ClientTooSlow` when that cannot complete within `browser_send_timeout_s`.
+
+        uvicorn's send waits while the socket's write buffer is full (the page is not reading),
+        so a stalled page holds only the batch already read (≤ 64 events) and its stream is not
+        read further until the socket is closed.
+        """
+        try:
+            async with asyncio.timeout(self.settings.browser_send_timeout_s), self._send_lock:
+                await self.ws.send_text(text)
+                if pcm is not None:
+                    await self.ws.send_bytes(pcm)
+        except TimeoutError:
+            raise ClientTooSlow from None
 
     async def _send_text(self, payload: bytes) -> None:
-        async with self._send_lock:
-            await self.ws.send_text(payload.decode())
+        await self._send(payload.decode())
 
     async def _send_error(self, code: str, message: str) -> None:
         await self._send_text(dump(ErrorEvent(code=code, message=message, fatal=False)))
 
     async def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            async with self._send_lock:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S), self._send_lock:
                 await self.ws.close(code, reason)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hmac
+import math
 import time
+from typing import Any
 
 from fastapi import APIRouter, Body, Header, HTTPException, Request, status
 from prometheus_client import Counter
+from pydantic import BaseModel
 
 from common import keys
 from common.jobs import JobStream
@@ -17,6 +20,30 @@ router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SESSIONS_CREATED = Counter("gateway_sessions_created_total", "Sessions created")
 SESSIONS_REFUSED = Counter("gateway_sessions_refused_total", "Sessions refused for lack of capacity", ["pool"])
+SESSIONS_RATE_LIMITED = Counter("gateway_sessions_rate_limited_total", "Session creations refused: too many per client")
+
+
+class ApiError(BaseModel):
+    """The body of every refusal (FastAPI's HTTPException shape)."""
+
+    detail: str
+
+
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+_REFUSALS: dict[int, dict[str, Any]] = {
+    400: {"model": ApiError, "description": "a body that cannot be read as JSON (e.g. not UTF-8)"},
+    401: {"model": ApiError, "description": "missing or wrong API key or session token"},
+    403: {"model": ApiError, "description": "sent by a page of an origin not in ALLOWED_ORIGINS"},
+    404: {"model": ApiError, "description": "unknown session"},
+    429: {"model": ApiError, "description": "too many sessions created from this address", "headers": _RETRY_AFTER},
+    503: {"model": ApiError, "description": "a worker pool is full", "headers": _RETRY_AFTER},
+}
+
+
+def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """Every status a route can answer is in the OpenAPI schema, so clients can rely on it (and the
+    fuzz tests in tests/test_fuzz.py hold the gateway to it)."""
+    return {code: _REFUSALS[code] for code in codes}
 
 
 def _bearer(authorization: str | None, x_api_key: str | None) -> str:
@@ -29,7 +56,10 @@ def _bearer(authorization: str | None, x_api_key: str | None) -> str:
 
 def _is_admin(request: Request, credential: str) -> bool:
     key = request.app.state.settings.gateway_api_key
-    return bool(key) and bool(credential) and hmac.compare_digest(credential, key.get_secret_value())
+    if not key or not credential:
+        return False
+    # As bytes: compare_digest refuses str with non-ASCII characters (a header may carry any latin-1).
+    return hmac.compare_digest(credential.encode(), key.get_secret_value().encode())
 
 
 def _require_api_key(request: Request, credential: str) -> None:
@@ -50,6 +80,20 @@ async def _require_session_access(request: Request, sid: str, credential: str) -
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid session token")
 
 
+def _limit_creation_rate(request: Request) -> None:
+    """A token bucket per client address (after uvicorn's proxy headers), in this gateway process."""
+    client = request.client.host if request.client else "unknown"
+    wait = request.app.state.session_buckets.take(client)
+    if wait > 0:
+        SESSIONS_RATE_LIMITED.inc()
+        retry = max(1, math.ceil(wait))
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"too many sessions created from this address; try again in {retry} s",
+            headers={"Retry-After": str(retry)},
+        )
+
+
 def _ws_url(request: Request, sid: str) -> str:
     public = request.app.state.settings.gateway_public_url.rstrip("/")
     base = public or str(request.base_url).rstrip("/")
@@ -57,14 +101,21 @@ def _ws_url(request: Request, sid: str) -> str:
     return f"{base}/v1/sessions/{sid}/ws"
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SessionCreated)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=SessionCreated, responses=_refusals(400, 401, 403, 429, 503)
+)
 async def create_session(
     request: Request,
     config: SessionConfig | None = Body(default=None),
     authorization: str | None = Header(default=None),
     x_api_key: str | None = Header(default=None),
 ) -> SessionCreated:
-    _require_api_key(request, _bearer(authorization, x_api_key))
+    credential = _bearer(authorization, x_api_key)
+    if not _is_admin(request, credential):
+        # Holders of GATEWAY_API_KEY are a trusted backend creating sessions for many users from one
+        # address; everyone else is limited, which also slows guessing the key.
+        _limit_creation_rate(request)
+    _require_api_key(request, credential)
     settings = request.app.state.settings
     if settings.admission_control:
         for pool in await all_pools(request.app.state.redis, settings.worker_stale_s):
@@ -85,7 +136,7 @@ async def create_session(
     return SessionCreated(session_id=sid, token=token, ws_url=_ws_url(request, sid))
 
 
-@router.get("", response_model=list[SessionInfo])
+@router.get("", response_model=list[SessionInfo], responses=_refusals(401))
 async def list_sessions(
     request: Request,
     authorization: str | None = Header(default=None),
@@ -97,11 +148,11 @@ async def list_sessions(
     for sid in await store.live_ids():
         record = await store.get(sid)
         if record:
-            infos.append(_info(sid, record))
+            infos.append(_info(sid, record, await store.disconnected_since(sid) is None))
     return infos
 
 
-@router.get("/{sid}", response_model=SessionInfo)
+@router.get("/{sid}", response_model=SessionInfo, responses=_refusals(401, 404))
 async def get_session(
     request: Request,
     sid: str,
@@ -109,13 +160,14 @@ async def get_session(
     x_api_key: str | None = Header(default=None),
 ) -> SessionInfo:
     await _require_session_access(request, sid, _bearer(authorization, x_api_key))
-    record = await request.app.state.store.get(sid)
+    store = request.app.state.store
+    record = await store.get(sid)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown session")
-    return _info(sid, record)
+    return _info(sid, record, await store.disconnected_since(sid) is None)
 
 
-@router.delete("/{sid}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{sid}", status_code=status.HTTP_204_NO_CONTENT, responses=_refusals(401, 403, 404))
 async def end_session(
     request: Request,
     sid: str,
@@ -126,12 +178,12 @@ async def end_session(
     await request.app.state.store.end(sid, "deleted")
 
 
-def _info(sid: str, record: dict[str, str]) -> SessionInfo:
+def _info(sid: str, record: dict[str, str], connected: bool) -> SessionInfo:
     return SessionInfo(
         session_id=sid,
         state=record.get(keys.F_STATE, "unknown"),
         created_at=float(record.get(keys.F_CREATED, time.time())),
-        connected=int(record.get(keys.F_CONNECTED, "0") or 0) > 0,
+        connected=connected,
         stt_owner=record.get(keys.F_STT_OWNER),
         avatar_owner=record.get(keys.F_AVATAR_OWNER),
         ended_reason=record.get(keys.F_ENDED_REASON),

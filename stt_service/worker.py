@@ -15,14 +15,17 @@ import logging
 from collections import deque
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
 
 from common import keys
 from common.bus import Bus
 from common.jobs import Job
+from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import ErrorEvent, SpeechStarted, TranscriptFinal, TranscriptInterim, UserTurn
 from common.sessions import SessionStore
 from common.settings import Settings
 from common.worker import ClaimLoop
+from stt_service.audio_feed import AudioFeed
 from stt_service.engine import SttEngine, SttError, SttResult, SttStream
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,14 @@ FINALIZE_AFTER_IDLE_READS = 2  # ~1 s without audio: the browser paused or stopp
 CLOSE_TIMEOUT_S = 10.0
 MAX_STREAM_RESTARTS = 5
 
+AUDIO_FRAMES = Counter("stt_audio_frames_total", "Audio frames relayed to the speech engine")
+AUDIO_TO_ENGINE = Histogram(
+    "stt_audio_to_engine_seconds", "Audio frame added to Redis by the gateway -> handed to the speech engine",
+    buckets=HOP_BUCKETS,
+)
+RESULTS = Counter("stt_results_total", "Results published", ["kind"])  # interim | final | speech_started
+ENGINE_ERRORS = Counter("stt_engine_errors_total", "Speech engine errors", ["code"])
+
 
 class SttWorker:
     def __init__(self, r: aioredis.Redis, settings: Settings, engine: SttEngine) -> None:
@@ -40,6 +51,7 @@ class SttWorker:
         self.engine = engine
         self.bus = Bus(r, settings)
         self.store = SessionStore(r, self.bus)
+        self.audio = AudioFeed(r)
         self.claims = ClaimLoop(
             r, self.store, stream=keys.JOBS_STT, group=keys.GROUP_STT, kind="stt",
             owner_field=keys.F_STT_OWNER, capacity=settings.stt_capacity,
@@ -51,6 +63,7 @@ class SttWorker:
         try:
             await self.claims.run(stop)
         finally:
+            await self.audio.aclose()
             await self.engine.aclose()
 
     async def serve(self, job: Job) -> None:
@@ -67,6 +80,7 @@ class SttWorker:
                 return
             except SttError as exc:
                 log.warning("stt engine error: %s", exc.code, extra={"sid": sid})
+                ENGINE_ERRORS.labels(exc.code).inc()
                 fatal = exc.fatal or attempt == MAX_STREAM_RESTARTS
                 await self.bus.publish_event(sid, ErrorEvent(code=exc.code, message=exc.message, fatal=fatal))
                 if fatal:
@@ -107,12 +121,21 @@ class _SttSession:
             raise
 
     async def _pump_audio(self) -> None:
-        r, key = self.w.r, keys.audio(self.sid)
-        last_id, t = self.cursor, self.cursor_t
+        feed = self.w.audio
+        queue = feed.subscribe(self.sid, self.cursor)
+        try:
+            await self._pump_from(queue)
+        finally:
+            feed.unsubscribe(self.sid)
+
+    async def _pump_from(self, queue: asyncio.Queue) -> None:
+        t = self.cursor_t
         idle_reads, sent_since_finalize = 0, False
         while True:
-            reply = await r.xread({key: last_id}, count=200, block=READ_BLOCK_MS)
-            if not reply:
+            entries = await _get(queue, READ_BLOCK_MS / 1000)
+            if isinstance(entries, BaseException):
+                raise entries  # the feed's Redis read failed: hand the session back
+            if not entries:
                 idle_reads += 1
                 if sent_since_finalize and idle_reads >= FINALIZE_AFTER_IDLE_READS:
                     sent_since_finalize = False
@@ -124,11 +147,10 @@ class _SttSession:
             idle_reads = 0
             chunks: list[bytes] = []
             ended = False
-            for entry_id, fields in reply[0][1]:
+            for entry_id, field, pcm in entries:
                 last_id = entry_id.decode()
-                pcm = fields.get(b"pcm")
-                if pcm is None:
-                    ended = b"end" in fields
+                if field != b"pcm":
+                    ended = field == b"end"
                     if ended:
                         break
                     continue
@@ -138,6 +160,8 @@ class _SttSession:
             if chunks:
                 await self.stream.send(b"".join(chunks))
                 sent_since_finalize = True
+                AUDIO_FRAMES.inc(len(chunks))
+                AUDIO_TO_ENGINE.observe(entry_age_s(last_id))
             if ended:
                 await self.stream.close()
                 return
@@ -145,6 +169,7 @@ class _SttSession:
     async def _publish_results(self) -> None:
         bus = self.w.bus
         async for result in self.stream.results():
+            RESULTS.labels(result.kind).inc()
             if result.kind == "speech_started":
                 await bus.publish_turn(self.sid, SpeechStarted())
             elif result.kind == "interim":
@@ -179,3 +204,14 @@ class _SttSession:
         await self.w.store.set_fields(
             self.sid, **{keys.F_STT_CURSOR: self.cursor, keys.F_STT_CURSOR_T: f"{self.cursor_t:.4f}"}
         )
+
+
+async def _get(queue: asyncio.Queue, timeout_s: float):
+    """The next item, or None after `timeout_s`; no timer at all when one is already waiting."""
+    if not queue.empty():
+        return queue.get_nowait()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await queue.get()
+    except TimeoutError:
+        return None

@@ -42,11 +42,12 @@ class Browser:
     _reader: asyncio.Task | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def connect(self, token: str | None = None, last_event: str | None = None) -> None:
+    async def connect(self, token: str | None = None, last_event: str | None = None, origin: str | None = None) -> None:
+        """`origin`: the Origin header a browser page would send (none by default, like an SDK)."""
         url = f"{self.session.ws_url}?token={token if token is not None else self.session.token}"
         if last_event:
             url += f"&last_event={last_event}"
-        self.ws = await websockets.connect(url, max_size=2**22)
+        self.ws = await websockets.connect(url, max_size=2**22, origin=origin)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

@@ -129,6 +129,7 @@ def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
         HEARTBEAT_MS="500",
         PYTHONUNBUFFERED="1",
         LOG_LEVEL="INFO",
+        SESSION_CREATE_BURST="1000",  # tests create many sessions at once from 127.0.0.1; test_security limits
     )
     env.update(extra)
     return env

@@ -1,7 +1,7 @@
 """The page in a real headless Chromium, its microphone fed from a WAV file.
 
 (a) spoken question → final transcript → the local avatar's reply text and audible audio
-(b) typed message, keyboard only → reply
+(b) typed message, keyboard only → reply; `?debug=1` → the Latency panel's breakdown of a spoken reply
 (c) cloud avatar path → livekit-client's room.connect is tried with the url and token handed out
 (d) dropped WebSocket → reconnects to the same session, resuming after the last event
 (e) microphone denied, no capacity (503) and server error events → banners
@@ -98,6 +98,73 @@ def test_spoken_question_gets_spoken_reply(stack):
         screenshot(page, "browser-phone")
         end_conversation(page)
         assert not [line for line in page.logs if line.startswith("pageerror")], page.logs
+
+
+PAGE_HOPS = ("speech_to_final", "final_to_reply", "reply_to_audio")  # add up to at most speech_to_heard
+SERVER_HOPS = ("server_final_to_reply", "server_reply_to_audio")
+
+
+def test_latency_panel_breaks_down_a_spoken_reply(stack):
+    """`?debug=1` opens the Latency panel; a spoken question fills in every hop of its reply."""
+    if not speech_available():
+        pytest.skip("needs espeak-ng and sox for the spoken question")
+    with launch(speech_wav(QUESTION, pad_s=1.0)) as page:
+        page.goto(stack.base_url + "/?debug=1")
+        panel = page.locator("#latency")
+        assert panel.get_attribute("open") is not None
+        assert panel.locator("table").is_visible()
+        page.click("#start-btn")
+        page.wait_for_function("document.body.dataset.state === 'live'", timeout=LIVE_TIMEOUT_MS)
+
+        # The cells of the last reply fill in once its first audio is scheduled to be heard.
+        panel.locator('td[data-metric="speech_to_heard"][data-col="last"][data-value]').wait_for(
+            timeout=TURN_TIMEOUT_MS
+        )
+        stats = page.evaluate("window.__avatarStack.latency")
+        last = stats["last"]
+        print(f"\n[browser] latency breakdown of the spoken reply (ms): {last}")
+        assert last["source"] == "voice" and last["avatar"] == "local", last
+        assert page.locator(f'#transcript li.avatar[data-reply-id="{last["reply_id"]}"]').count() == 1
+
+        # Complete and consistent: page hops on the page clock, server hops on the server clock.
+        for key in (*PAGE_HOPS, "speech_to_heard", *SERVER_HOPS):
+            assert isinstance(last[key], int) and last[key] >= 0, (key, last)
+        # The parts end at the first audio's arrival, the total when it is heard (scheduled
+        # after it arrived); each is rounded to whole ms on its own.
+        assert sum(last[key] for key in PAGE_HOPS) <= last["speech_to_heard"] + len(PAGE_HOPS) - 1, last
+
+        # The panel shows the hook's numbers, and a median over the replies so far.
+        assert stats["count"] >= 1
+        for key in (*PAGE_HOPS, "speech_to_heard", *SERVER_HOPS):
+            assert panel.locator(f'td[data-metric="{key}"][data-col="last"]').inner_text() == f"{last[key]} ms"
+            median = stats["median"][key]
+            assert median is not None and median >= 0, key
+            assert panel.locator(f'td[data-metric="{key}"][data-col="median"]').inner_text() == f"{median} ms"
+            if stats["count"] == 1:
+                assert median == last[key], key
+        assert panel.locator(".latency-count").inner_text() == str(stats["count"])
+        screenshot(page, "browser-latency")
+
+        # Keyboard: the "Latency" toggle closes and reopens the panel.
+        panel.locator("summary").focus()
+        page.keyboard.press("Enter")
+        page.wait_for_function("!document.getElementById('latency').open")
+        assert not panel.locator("table").is_visible()
+        page.keyboard.press("Space")
+        page.wait_for_function("document.getElementById('latency').open")
+
+        # Narrow screen, dark mode: the table fits the width of a phone.
+        page.emulate_media(color_scheme="dark")
+        page.set_viewport_size({"width": 360, "height": 780})
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        panel.scroll_into_view_if_needed()
+        screenshot(page, "browser-latency-phone-dark")
+        end_conversation(page)
+        assert not [line for line in page.logs if line.startswith("pageerror")], page.logs
+
+        # Without the flag the panel starts closed.
+        page.goto(stack.base_url + "/")
+        assert page.locator("#latency").get_attribute("open") is None
 
 
 def test_typed_message_with_keyboard_only(stack, tmp_path):

@@ -177,3 +177,52 @@ async def test_a_session_that_loses_redis_is_handed_back_not_dropped(r):
     finally:
         stop.set()
         await task
+
+
+async def test_a_late_hand_back_does_not_take_the_session_from_its_new_owner(r):
+    await JobStream.submit(r, STREAM, "s1")
+    old = JobStream(r, STREAM, GROUP, "old", lease_ms=200)
+    new = JobStream(r, STREAM, GROUP, "new", lease_ms=200)
+    await old.ensure_group()
+    [job] = await old.claim(1, block_ms=50)
+    await asyncio.sleep(0.3)  # the old owner stalled past its lease
+    [taken] = await new.claim(1, block_ms=50)
+    handed = await old.hand_back(job)
+    pending = await r.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
+    assert [p["consumer"] for p in pending] == [b"new"] and pending[0]["time_since_delivered"] < 200
+    assert await new.claim(1, block_ms=50) == []  # not claimable again: it was not made idle
+    assert await new.heartbeat([taken]) == set()
+    assert handed is False
+
+
+async def test_shutdown_stops_a_session_that_swallowed_its_cancel_and_hands_it_back(r):
+    # On Python 3.11 a cancel that lands while redis-py's `asyncio.wait_for` around a send
+    # completes is dropped; the session must stop anyway, before anyone else can take it over.
+    store = make_store(r)
+    sid, _ = await store.create(SessionConfig())
+    await JobStream.submit(r, STREAM, sid)
+    serving = asyncio.Event()
+    cancels: list[int] = []
+
+    async def deaf_serve(job):
+        serving.set()
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(1)
+                if len(cancels) > 1:
+                    raise  # the first cancel is lost, as in wait_for
+
+    stop = asyncio.Event()
+    loop = ClaimLoop(r, store, stream=STREAM, group=GROUP, kind="stt", owner_field=keys.F_STT_OWNER,
+                     capacity=1, lease_ms=60_000, heartbeat_ms=100, serve=deaf_serve)
+    task = asyncio.create_task(loop.run(stop))
+    await _until(serving.is_set)
+    stop.set()
+    async with asyncio.timeout(5):
+        await task
+    assert len(cancels) == 2 and not loop.active
+    other = JobStream(r, STREAM, GROUP, "other", lease_ms=60_000)
+    [again] = await other.claim(1, block_ms=50)  # handed back: claimable at once
+    assert again.session_id == sid

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 
+import httpx
+import orjson
 import pytest
 
 from common import keys
@@ -135,3 +137,53 @@ async def test_killed_stt_worker_is_replaced_mid_session(stack: Stack):
     await browser.close()
     if victim.startswith("stt") and spare != victim:
         stack.procs.pop(victim, None)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def worker_metrics_url(stack: Stack, kind: str) -> str:
+    adverts = [orjson.loads(v) for v in stack.redis().hvals(keys.workers(kind))]
+    live = max((a for a in adverts if a.get("metrics_port")), key=lambda a: a["ts"])  # a killed one's stays
+    port = live["metrics_port"]
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+async def test_every_service_exposes_metrics_of_what_it_did(stack: Stack):
+    urls = {
+        "gateway": f"{stack.base_url}/metrics",
+        "stt": worker_metrics_url(stack, "stt"),
+        "avatar": worker_metrics_url(stack, "avatar"),
+    }
+    before = {name: scrape(url) for name, url in urls.items()}
+    browser = Browser(await create_session(stack.base_url))
+    await browser.connect()
+    await browser.wait_type("session.ready", 30)
+    await browser.stream(speech_pcm("Hello there."))
+    await browser.wait_type("transcript.final", 30)
+    await browser.wait_type("avatar.stopped_talking", 60)
+    after = {name: scrape(url) for name, url in urls.items()}
+    await browser.close()
+
+    def grew(service: str, series: str) -> float:
+        return after[service].get(series, 0.0) - before[service].get(series, 0.0)
+
+    frames = grew("gateway", "gateway_audio_frames_total")
+    assert frames > 50  # ~1 s of speech and silence at 20 ms a frame
+    assert grew("gateway", "gateway_audio_publish_seconds_count") == frames
+    assert grew("gateway", "gateway_event_delivery_seconds_count") >= 3  # ready, final, reply, audio, ...
+    assert grew("gateway", "redis_pipelined_commands_total") == frames
+    assert grew("stt", "stt_audio_frames_total") == frames  # every frame reached the engine
+    assert grew("stt", "stt_audio_to_engine_seconds_count") >= 1
+    assert grew("stt", 'stt_results_total{kind="final"}') == 1
+    assert grew("stt", 'worker_sessions_claimed_total{how="new",kind="stt"}') == 1
+    assert grew("avatar", 'avatar_turns_answered_total{source="voice"}') == 1
+    assert grew("avatar", "avatar_turn_to_answer_seconds_count") == 1
+    assert after["avatar"]['worker_sessions_active{kind="avatar"}'] >= 1

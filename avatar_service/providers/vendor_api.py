@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httpx
+
+from common.metrics import VENDOR_CALL_ERRORS, VENDOR_CALL_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,15 @@ class VendorApi:
 
     async def _once(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str],
                     limits: Any) -> dict[str, Any]:
+        call = path.rsplit("/", 1)[-1]
+        started = time.perf_counter()
         try:
             resp = await self._http.request(method, path, json=body, headers=headers, timeout=limits)
         except httpx.HTTPError as exc:  # no answer; the message never includes headers
+            VENDOR_CALL_ERRORS.labels(self.vendor.lower(), call, "no_answer").inc()
             raise self.error(path, 0, None, type(exc).__name__) from None
+        finally:
+            VENDOR_CALL_SECONDS.labels(self.vendor.lower(), call).observe(time.perf_counter() - started)
         try:
             payload = resp.json()
         except ValueError:
@@ -94,5 +102,6 @@ class VendorApi:
         code = payload.get("code")
         if resp.is_success and (code is None or code in SUCCESS_CODES) and not payload.get("error"):
             return payload
+        VENDOR_CALL_ERRORS.labels(self.vendor.lower(), call, str(resp.status_code)).inc()
         message = payload.get("message") or payload.get("error") or payload.get("detail") or resp.reason_phrase
         raise self.error(path, resp.status_code, code if isinstance(code, int) else None, str(message or "error")[:200])

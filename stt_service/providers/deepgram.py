@@ -12,7 +12,10 @@ module speaks the wire protocol directly (`../shared/reference/vendor-protocols.
 `websockets` library the project already uses.
 
 One `DeepgramStream` per session, one socket at a time:
-- `send()` re-chunks audio into steady 50 ms frames and keeps every chunk until Deepgram has
+- `send()` passes audio on at once in whole 20 ms multiples, at most `chunk_ms` (100 ms) per
+  binary frame: a quiet worker sends each browser frame as it comes (no added latency; holding
+  audio back for 50 ms frames cost up to 40 ms per frame in the benchmark), a busy one that reads
+  several frames at a time sends fewer, bigger messages. Every chunk is kept until Deepgram has
   covered it with finals. That buffer is bounded by `replay_max_s`: beyond it the oldest audio
   already sent is forgotten with a warning, and `send()` waits rather than drop unsent audio.
 - A sender task drains that buffer into the socket and sends `KeepAlive` after `keepalive_s`
@@ -44,6 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.protocol import State
 
+from common.metrics import VENDOR_RECONNECTS
 from common.pcm import SAMPLE_RATE
 from common.settings import Settings
 from stt_service.engine import SttError, SttResult, utterance_id
@@ -146,7 +150,7 @@ class DeepgramEngine:
         settings: Settings,
         *,
         keepalive_s: float | None = 3.0,
-        chunk_ms: int = 50,
+        chunk_ms: int = 100,
         max_attempts: int = 6,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 5.0,
@@ -318,7 +322,7 @@ class DeepgramStream:
             raise RuntimeError("send() after close()")
         if pcm:
             self._tail += pcm
-            self._cut_chunks(flush=False)
+            self._cut_chunks(flush=True)
         while self._buffered > self._t.replay_max_bytes and self._task is not None and not self._task.done():
             self._room.clear()
             await self._room.wait()
@@ -423,6 +427,7 @@ class DeepgramStream:
                     f"Deepgram is unreachable ({failure}); gave up after {self._t.max_attempts} retries",
                     fatal=False,
                 )
+            VENDOR_RECONNECTS.labels("deepgram").inc()
             delay = min(self._t.backoff_max_s, self._t.backoff_base_s * 2 ** (attempt - 1))
             delay *= random.uniform(0.5, 1.0)
             log.warning(

@@ -542,6 +542,7 @@ class FakeDeepgram:
                 return
             if isinstance(message, bytes):
                 conn.frames.append(len(message))
+                self._audio_received(conn, len(message))
                 if not message:
                     await self._close(ws, conn, 1011, "DATA-0000: zero-length audio frame")
                     return
@@ -565,6 +566,9 @@ class FakeDeepgram:
                 await self._close(ws, conn, 1000, "")
                 return
             # KeepAlive only resets the idle timer; unknown types are ignored.
+
+    def _audio_received(self, conn: FakeConnection, nbytes: int) -> None:
+        """Hook for a benchmark's stamps; the fake itself needs nothing here."""
 
     async def _drop(self, ws: ServerConnection, conn: FakeConnection, drop: _Drop) -> None:
         conn.dropped = True
