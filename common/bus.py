@@ -96,8 +96,11 @@ class Bus:
 
     # ---- audio:{sid} (to the STT worker)
 
-    async def publish_audio(self, sid: str, pcm: bytes) -> bytes:
-        return await self.audio_writer.xadd(keys.audio(sid), {"pcm": pcm}, self.settings.audio_stream_maxlen)
+    async def publish_audio(self, sid: str, pcm: bytes, seq: bytes | None = None) -> bytes:
+        """`seq`: `<socket id>:<n>`, n counting this socket's frames from 1, so the STT worker can
+        count frames that MAXLEN trimmed before it read them (it fell that far behind)."""
+        fields = {"pcm": pcm} if seq is None else {"pcm": pcm, "seq": seq}
+        return await self.audio_writer.xadd(keys.audio(sid), fields, self.settings.audio_stream_maxlen)
 
     async def publish_audio_end(self, sid: str, reason: str) -> bytes:
         return await self.r.xadd(

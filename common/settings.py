@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     deepgram_endpointing_ms: int = Field(default=300, ge=10)
     deepgram_utterance_end_ms: int = Field(default=1000, ge=1000)
     deepgram_keyterms: str = Field(default="", description="comma-separated key terms (Nova-3)")
+    # Audio held per session for a replay after a reconnect, and the most that waits while
+    # Deepgram is slow or unreachable before the worker stops reading the session's stream.
+    deepgram_replay_max_s: float = Field(default=30.0, ge=1.0, le=300.0)
 
     # HeyGen / LiveAvatar
     heygen_api_key: SecretStr | None = None

@@ -109,6 +109,8 @@ class BrowserConnection:
         self._bad_in_a_row = 0
         self._last_seen_write = 0.0
         self.conn_id = new_session_id()  # this socket's entry in `conns:{sid}`
+        self._seq_prefix = f"{self.conn_id}:".encode()
+        self._frames_published = 0  # numbers this socket's audio entries (see Bus.publish_audio)
         # Token bucket on audio seconds: a client may not stream faster than ~real time.
         self._audio_budget_s = 5.0
         self._audio_budget_at = time.monotonic()
@@ -189,7 +191,8 @@ class BrowserConnection:
         self._bad_in_a_row = 0
         FRAMES_IN.inc()
         started = time.perf_counter()
-        await self.bus.publish_audio(self.sid, pcm)
+        self._frames_published += 1
+        await self.bus.publish_audio(self.sid, pcm, self._seq_prefix + str(self._frames_published).encode())
         AUDIO_PUBLISH.observe(time.perf_counter() - started)
         return True
 

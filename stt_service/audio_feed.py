@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 
+import hiredis
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 READS = Counter("stt_audio_reads_total", "XREADs of the audio feed (stt_audio_frames_total / this = batching)")
 
-# (entry id, first field name, its value): audio entries hold one field, `pcm` or `end`.
-Entries = list[tuple[bytes, bytes, bytes]]
+# (entry id, first field name, its value, `seq` or None): audio entries are `pcm` (+ `seq`) or `end`.
+Entries = list[tuple[bytes, bytes, bytes, bytes | None]]
 
 
 class _Subscription:
@@ -44,13 +45,14 @@ class _Subscription:
 
 
 class AudioFeed:
-    def __init__(self, r: aioredis.Redis, *, block_ms: int = 100, count: int = 100, depth: int = 8) -> None:
-        # A client of our own on the same pool, answering XREAD raw: redis-py's per-entry dict
-        # building was a tenth of the worker's CPU in the profile.
-        self.r = aioredis.Redis(connection_pool=r.connection_pool)
-        self.r.set_response_callback("XREAD", _raw)
-        self.block_ms = block_ms
-        self.count = count
+    def __init__(self, r: aioredis.Redis, *, block_ms: int = 100, count: int = 50, depth: int = 4) -> None:
+        """A session holds at most `depth` batches of `count` entries here (4 s of audio)."""
+        # One connection of the pool, held by the reader and spoken to directly: the command is
+        # packed by hiredis in C and the reply left raw. redis-py's Python packing of XREAD's
+        # 2N arguments, and its per-entry dict building, were a fifth of the worker's CPU.
+        self.pool = r.connection_pool
+        self._conn: aioredis.Connection | None = None
+        self._head = (b"XREAD", b"COUNT", count, b"BLOCK", block_ms, b"STREAMS")
         self.depth = depth
         self._subs: dict[str, _Subscription] = {}  # audio stream key -> its reader state
         self._task: asyncio.Task[None] | None = None
@@ -72,6 +74,22 @@ class AudioFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._conn is not None:
+            await self.pool.release(self._conn)
+            self._conn = None
+
+    async def _xread(self, ready: dict[str, str]):
+        """XREAD COUNT BLOCK STREAMS k1 k2 ... c1 c2 ...; the reply as Redis sent it:
+        {key: [[id, [field, value]], ...]} (a list of pairs in RESP2), None on timeout."""
+        if self._conn is None:
+            self._conn = await self.pool.get_connection()
+        conn = self._conn
+        try:
+            await conn.send_packed_command(hiredis.pack_command((*self._head, *ready, *ready.values())), False)
+            return await conn.read_response()
+        except BaseException:
+            await conn.disconnect()  # a reply may still be on its way: never reuse the socket mid-command
+            raise
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -81,7 +99,7 @@ class AudioFeed:
                 await asyncio.sleep(0.005)  # every session is behind: let their engines catch up
                 continue
             try:
-                reply = await self.r.xread(ready, count=self.count, block=self.block_ms)
+                reply = await self._xread(ready)
             except (RedisError, OSError) as exc:  # every session hears it and is handed back
                 self._fail_all(exc)
                 await asyncio.sleep(backoff)
@@ -101,7 +119,10 @@ class AudioFeed:
                 if sub is None or not entries:
                     continue  # unsubscribed while the read was in flight
                 sub.cursor = entries[-1][0].decode()
-                batch = [(entry_id, fields[0], fields[1]) for entry_id, fields in entries if fields]
+                batch = [
+                    (entry_id, fields[0], fields[1], fields[3] if len(fields) > 3 else None)
+                    for entry_id, fields in entries if fields
+                ]
                 sub.queue.put_nowait(batch)  # it had room when the read began, and only we put
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -110,7 +131,3 @@ class AudioFeed:
             with contextlib.suppress(asyncio.QueueFull):
                 sub.queue.put_nowait(exc)
 
-
-def _raw(response, **_options):
-    """XREAD's reply as Redis sent it: {key: [[id, [field, value, ...]], ...]} (a list of pairs in RESP2)."""
-    return response

@@ -36,6 +36,9 @@ CLOSE_TIMEOUT_S = 10.0
 MAX_STREAM_RESTARTS = 5
 
 AUDIO_FRAMES = Counter("stt_audio_frames_total", "Audio frames relayed to the speech engine")
+AUDIO_FRAMES_LOST = Counter(
+    "stt_audio_frames_trimmed_total", "Audio frames MAXLEN trimmed from audio:{sid} before the engine read them"
+)
 AUDIO_TO_ENGINE = Histogram(
     "stt_audio_to_engine_seconds", "Audio frame added to Redis by the gateway -> handed to the speech engine",
     buckets=HOP_BUCKETS,
@@ -99,6 +102,7 @@ class _SttSession:
         # (entry id, session audio time at the end of that entry): maps checkpoints to cursors.
         # Bounded by what the engine holds un-checkpointed, itself bounded by the audio stream.
         self.positions: deque[tuple[str, float]] = deque(maxlen=worker.settings.audio_stream_maxlen * 2)
+        self._last_seq: tuple[bytes, int] | None = None  # (socket id, frame number) of the last frame
 
     async def run(self) -> None:
         pump = asyncio.create_task(self._pump_guarded())
@@ -147,13 +151,15 @@ class _SttSession:
             idle_reads = 0
             chunks: list[bytes] = []
             ended = False
-            for entry_id, field, pcm in entries:
+            for entry_id, field, pcm, seq in entries:
                 last_id = entry_id.decode()
                 if field != b"pcm":
                     ended = field == b"end"
                     if ended:
                         break
                     continue
+                if seq is not None:
+                    self._count_trimmed(seq)
                 chunks.append(pcm)
                 t += len(pcm) / 32000
                 self.positions.append((last_id, t))
@@ -165,6 +171,20 @@ class _SttSession:
             if ended:
                 await self.stream.close()
                 return
+
+    def _count_trimmed(self, seq: bytes) -> None:
+        """A jump in a socket's frame numbers means MAXLEN trimmed frames this worker never read:
+        the engine fell more than AUDIO_STREAM_MAXLEN behind. Count them; never lose them silently."""
+        socket_id, _, n = seq.rpartition(b":")
+        number = int(n)
+        last = self._last_seq
+        self._last_seq = (socket_id, number)
+        if last is None or last[0] != socket_id or number <= last[1] + 1:
+            return  # first frame seen, or another socket (a reload): nothing to compare with
+        lost = number - last[1] - 1
+        AUDIO_FRAMES_LOST.inc(lost)
+        log.warning("%d audio frames trimmed before the engine read them (it fell behind)", lost,
+                    extra={"sid": self.sid})
 
     async def _publish_results(self) -> None:
         bus = self.w.bus

@@ -167,3 +167,20 @@ def stack(redis_url: str) -> Iterator[Stack]:
     s = start_stack(redis_url)
     yield s
     s.stop_all()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus text page as {'name{labels}': value}."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def worker_metrics_url(stack: Stack, kind: str) -> str:
+    adverts = [orjson.loads(v) for v in stack.redis().hvals(keys.workers(kind))]
+    live = max((a for a in adverts if a.get("metrics_port")), key=lambda a: a["ts"])  # a killed one's stays
+    port = live["metrics_port"]
+    return f"http://127.0.0.1:{port}/metrics"

@@ -30,9 +30,10 @@ from avatar_stack.up import free_port, redis_answers, redis_binary
 from common import keys
 from common.bus import Bus, connect
 from common.models import AvatarAudio, AvatarReply, UserTurn, turn_adapter
+from common.pcm import FRAME_BYTES
 from common.settings import Settings
 from tests.client import Browser, Session, create_session
-from tests.conftest import Stack, stack_env, start_stack
+from tests.conftest import Stack, scrape, stack_env, start_stack, worker_metrics_url
 from tests.fakes.deepgram import FakeDeepgram, Speech
 from tests.fakes.heygen import FakeHeyGen
 from tests.speech import speech_available, speech_pcm
@@ -556,6 +557,76 @@ async def test_stalled_browser_is_closed_with_4408_and_holds_no_memory(clean_red
         await r.delete(keys.events(sid))  # ~200 MB of Redis memory
         await r.aclose()
         await asyncio.to_thread(stack.stop_all)
+
+
+# --- a speech engine that stops reading ----------------------------------------------------------
+
+
+def frames_trimmed(stt_metrics_url: str) -> int:
+    return int(scrape(stt_metrics_url).get("stt_audio_frames_trimmed_total", 0))
+
+
+async def test_a_stalled_speech_engine_holds_bounded_audio_and_counts_what_it_trims(redis_url: str) -> None:
+    """Deepgram stops reading one session's socket while its user talks on. The STT worker holds
+    a bounded amount (the replay bound and its read queue), the rest waits in the bounded audio
+    stream, and what MAXLEN trims is counted; the other session keeps its pace; afterwards the
+    stalled session goes on, and every frame was either delivered or counted as trimmed."""
+    key = "dg-stall-key"
+    async with FakeDeepgram(key, recv_buffer_bytes=4096) as fake:
+        stack = await asyncio.to_thread(
+            start_stack, redis_url,
+            STT_PROVIDER="deepgram", DEEPGRAM_API_KEY=key, DEEPGRAM_URL=fake.url, AVATAR_PROVIDER="local",
+            AUDIO_STREAM_MAXLEN="50", DEEPGRAM_REPLAY_MAX_S="1",
+        )
+        browsers: list[Browser] = []
+        try:
+            stt_metrics = worker_metrics_url(stack, "stt")
+            for _ in range(2):
+                browsers.append(browser := Browser(await create_session(stack.base_url)))
+                await browser.connect()
+                await browser.wait_type("session.ready", GUARD_S)
+            slow, other = browsers
+            slow_conn = await fake.wait_connections(1)
+            await fake.wait_connections(2)
+            fake.stall(slow_conn.index)
+
+            talk = Speech().pause(0.2)
+            for _ in range(5):
+                talk = talk.say("one two three four five six seven eight").pause(0.5)
+            pcm = talk.pcm[: len(talk.pcm) // FRAME_BYTES * FRAME_BYTES]
+            streaming = asyncio.create_task(slow.stream(pcm, speed=1.2, trailing_silence_s=0))
+            await asyncio.sleep(3.0)
+            await other.stream(Speech().pause(0.2).say("please tell me about elephants").pause(1.5).pcm)
+            heard = await other.wait_type("transcript.final", GUARD_S)  # served while the other stalls
+            assert "elephants" in heard["text"].lower()
+            await streaming
+            assert stack.redis().xlen(keys.audio(slow.session.session_id)) <= 250  # MAXLEN ~ 50, in nodes of 100
+            received_at_stall_end = slow_conn.audio_bytes
+
+            fake.resume(slow_conn.index)
+            deadline = time.monotonic() + GUARD_S
+            while slow_conn.audio_bytes + FRAME_BYTES * frames_trimmed(stt_metrics) != len(pcm):
+                assert time.monotonic() < deadline, (slow_conn.audio_bytes, frames_trimmed(stt_metrics), len(pcm))
+                await asyncio.sleep(0.2)
+            trimmed = frames_trimmed(stt_metrics)
+            held_s = (slow_conn.audio_bytes - received_at_stall_end) / 32000
+            assert trimmed > 0  # the stall reached Redis: the worker stopped taking audio ...
+            assert held_s < 12.0  # ... after holding a bounded amount (replay 1 s + queue 4 s + stream + sockets)
+            assert slow_conn.close_code is None and len(fake.connections) == 2  # no reconnect, no replay
+
+            await slow.stream(Speech().pause(0.2).say("tell me about green apples").pause(1.5).pcm)
+            await slow.wait_for(
+                lambda e: e.get("type") == "transcript.final" and "green apples" in e["text"].lower(),
+                GUARD_S,
+            )
+        finally:
+            for browser in browsers:
+                await browser.close()
+            await asyncio.to_thread(stack.stop_all)
+    log = "".join(path.read_text(errors="replace") for name, path in stack.logs.items() if name.startswith("stt"))
+    assert "trimmed before the engine read them" in log and slow.session.session_id in log
+    metric("stalled_engine", talked_s=len(pcm) / 32000, held_s=held_s, trimmed_frames=trimmed,
+           lost_uncounted=0)
 
 
 # --- secrets in a full cloud session --------------------------------------------------------------

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 
-import httpx
-import orjson
 import pytest
 
 from common import keys
 from tests.client import Browser, create_session
-from tests.conftest import Stack
+from tests.conftest import Stack, scrape, worker_metrics_url
 from tests.speech import speech_pcm
 
 pytestmark = pytest.mark.slow
@@ -137,23 +135,6 @@ async def test_killed_stt_worker_is_replaced_mid_session(stack: Stack):
     await browser.close()
     if victim.startswith("stt") and spare != victim:
         stack.procs.pop(victim, None)
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus text page as {'name{labels}': value}."""
-    out: dict[str, float] = {}
-    for line in httpx.get(url, timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def worker_metrics_url(stack: Stack, kind: str) -> str:
-    adverts = [orjson.loads(v) for v in stack.redis().hvals(keys.workers(kind))]
-    live = max((a for a in adverts if a.get("metrics_port")), key=lambda a: a["ts"])  # a killed one's stays
-    port = live["metrics_port"]
-    return f"http://127.0.0.1:{port}/metrics"
 
 
 async def test_every_service_exposes_metrics_of_what_it_did(stack: Stack):

@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import random
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 BYTES_PER_S = SAMPLE_RATE * 2  # 16 kHz mono PCM16
 MIN_CHUNK_BYTES = BYTES_PER_S * 20 // 1000  # Deepgram gets 20..100 ms per binary frame
 MAX_CHUNK_BYTES = BYTES_PER_S * 100 // 1000
+SEND_BUFFER_BYTES = 32 * 1024  # ~1 s of audio (the kernel doubles it); far above what 32 kB/s needs
 EPS_S = 1e-4  # below Deepgram's millisecond timestamp resolution
 HEALTHY_AFTER_S = 30.0  # a socket that lived this long counts as healthy even without finals
 
@@ -154,7 +156,7 @@ class DeepgramEngine:
         max_attempts: int = 6,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 5.0,
-        replay_max_s: float = 30.0,
+        replay_max_s: float | None = None,
         open_timeout_s: float = 10.0,
         drain_timeout_s: float = 8.0,
     ) -> None:
@@ -171,7 +173,7 @@ class DeepgramEngine:
             max_attempts=max_attempts,
             backoff_base_s=backoff_base_s,
             backoff_max_s=backoff_max_s,
-            replay_max_bytes=int(replay_max_s * BYTES_PER_S),
+            replay_max_bytes=int((replay_max_s or settings.deepgram_replay_max_s) * BYTES_PER_S),
             open_timeout_s=open_timeout_s,
             drain_timeout_s=drain_timeout_s,
         )
@@ -445,7 +447,7 @@ class DeepgramStream:
     async def _connect(self) -> ClientConnection:
         key = self._options.api_key.get_secret_value() if self._options.api_key else ""
         try:
-            return await connect(
+            ws = await connect(
                 self._url,
                 additional_headers={"Authorization": f"Token {key}"},
                 open_timeout=self._t.open_timeout_s,
@@ -459,6 +461,8 @@ class DeepgramStream:
             raise SttError("deepgram_config", f"DEEPGRAM_URL is not a WebSocket URL: {exc.uri}", fatal=True) from None
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        _cap_send_buffer(ws)
+        return ws
 
     def _new_socket(self, ws: ClientConnection) -> _Socket:
         """A socket starts with the oldest uncovered chunk, so its time 0 is that chunk's start."""
@@ -725,3 +729,13 @@ def _handshake_error(exc: InvalidStatus) -> SttError | _Retryable:
     if 400 <= status < 500 and status not in (408, 429):
         return SttError("deepgram_rejected", f"Deepgram rejected the connection (HTTP {status}): {detail}", fatal=True)
     return _Retryable(f"HTTP {status}")
+
+
+def _cap_send_buffer(ws: ClientConnection) -> None:
+    """Fix the socket's kernel send buffer. Left to autotuning it grows to megabytes (minutes of
+    audio) when Deepgram stops reading, and that audio would sit where nobody bounds or counts it;
+    capped, a stalled Deepgram pushes back on `send`, whose wait is bounded by `replay_max_s`."""
+    sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -157,6 +158,7 @@ class FakeConnection:
     close_reason: str = ""
     dropped: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    reading: asyncio.Event = field(default_factory=asyncio.Event)  # cleared: a stalled engine reads nothing
     ws: ServerConnection | None = field(default=None, repr=False)
 
     def param(self, name: str) -> str | None:
@@ -415,8 +417,12 @@ class FakeDeepgram:
         words_per_final: int = 2,
         speech_final: bool = True,
         silence_final_s: float | None = 2.0,
+        recv_buffer_bytes: int | None = None,
     ) -> None:
+        """`recv_buffer_bytes`: the sockets' kernel receive buffer (SO_RCVBUF), small so that a
+        stalled connection pushes back on its client at once instead of after megabytes."""
         self.api_key = api_key
+        self.recv_buffer_bytes = recv_buffer_bytes
         self.idle_timeout_s = idle_timeout_s
         self.words_per_final = words_per_final
         self.speech_final = speech_final
@@ -430,8 +436,12 @@ class FakeDeepgram:
         self.url = ""
 
     async def __aenter__(self) -> FakeDeepgram:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if self.recv_buffer_bytes:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.recv_buffer_bytes)  # accepted sockets inherit it
+        sock.bind(("127.0.0.1", 0))
         self._server = await serve(
-            self._handle, "127.0.0.1", 0,
+            self._handle, sock=sock, max_queue=2 if self.recv_buffer_bytes else 16, ping_interval=None,
             process_request=self._process_request, process_response=self._process_response,
         )
         port = self._server.sockets[0].getsockname()[1]
@@ -472,6 +482,13 @@ class FakeDeepgram:
         else:
             await self._close(conn.ws, conn, 1011, "simulated server error")
         await conn.closed.wait()
+
+    def stall(self, index: int = -1) -> None:
+        """Stop reading a connection (an engine that cannot keep up); `resume` reads again."""
+        self.connections[index].reading.clear()
+
+    def resume(self, index: int = -1) -> None:
+        self.connections[index].reading.set()
 
     async def wait_connections(self, count: int) -> FakeConnection:
         """Wait until `count` connections were accepted; returns the last one."""
@@ -516,6 +533,7 @@ class FakeDeepgram:
             query=parse_qs(urlsplit(ws.request.path).query, keep_blank_values=True),
             ws=ws,
         )
+        conn.reading.set()
         self.connections.append(conn)
         self._changed.set()
         drop = self._drops.popleft() if self._drops else None
@@ -535,6 +553,7 @@ class FakeDeepgram:
         self, ws: ServerConnection, conn: FakeConnection, recognizer: _Recognizer, drop: _Drop | None,
     ) -> None:
         while True:
+            await conn.reading.wait()
             try:
                 message = await asyncio.wait_for(ws.recv(), self.idle_timeout_s)
             except TimeoutError:
