@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # Browser origins allowed besides the gateway's own (comma-separated, e.g. https://app.example.com);
     # empty = same origin only; `*` = any (only when set explicitly)
     allowed_origins: str = ""
+    # Host names the gateway answers to (comma-separated, `*.example.com` allowed, `*` = any). Empty:
+    # loopback names only while GATEWAY_HOST is a loopback address, which keeps a web page whose
+    # domain was re-pointed at 127.0.0.1 (DNS rebinding) off a local gateway; any name otherwise.
+    allowed_hosts: str = ""
     # Addresses whose X-Forwarded-For / X-Forwarded-Proto uvicorn trusts (the proxy's); as uvicorn's default
     forwarded_allow_ips: str = "127.0.0.1,::1"
     session_create_rate_per_min: float = Field(default=30.0, ge=0)  # per client address; 0 = no limit

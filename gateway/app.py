@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from common.bus import Bus, connect
 from common.service import freeze_startup_objects
@@ -18,7 +19,7 @@ from common.sessions import SessionStore
 from common.settings import Settings, get_settings
 from gateway import browser_ws, sessions_api
 from gateway.admission import all_pools
-from gateway.origins import OriginGuard, OriginPolicy
+from gateway.origins import OriginGuard, OriginPolicy, trusted_hosts
 from gateway.ratelimit import TokenBuckets
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
@@ -59,13 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.origins = origins  # also checked by the browser WebSocket
     app.state.session_buckets = TokenBuckets(settings.session_create_rate_per_min, settings.session_create_burst)
     app.add_middleware(OriginGuard, policy=origins)
-    app.add_middleware(  # outermost: answers preflights; other origins get no CORS headers
+    app.add_middleware(  # answers preflights; other origins get no CORS headers
         CORSMiddleware,
         allow_origins=origins.cors_origins(),
         allow_methods=["GET", "POST", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         max_age=600,
     )
+    # Outermost: a request for a host name we do not serve gets 400 before anything else runs.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
     app.include_router(sessions_api.router)
     app.include_router(browser_ws.router)
 

@@ -26,6 +26,29 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 HTTP_SCHEME = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
 
 
+LOOPBACK_BINDS = frozenset({"127.0.0.1", "localhost", "::1"})
+LOOPBACK_NAMES = ("localhost", "*.localhost", "127.0.0.1", "[::1]")  # IPv6 as Host writes it
+
+
+def trusted_hosts(settings: Settings) -> list[str]:
+    """The Host names to answer (for TrustedHostMiddleware).
+
+    Same-origin checks compare `Origin` with `Host`, and a page whose own domain was re-pointed at
+    127.0.0.1 (DNS rebinding) sends a matching pair. So a gateway listening on loopback answers
+    loopback names only, unless `ALLOWED_HOSTS` says otherwise; one listening on every interface
+    (behind a proxy, in compose) answers any name unless `ALLOWED_HOSTS` narrows it.
+    """
+    listed = [h.strip().lower() for h in settings.allowed_hosts.split(",") if h.strip()]
+    if listed:
+        hosts = listed
+    elif settings.gateway_host in LOOPBACK_BINDS or settings.gateway_host.startswith("127."):
+        hosts = [*LOOPBACK_NAMES, settings.gateway_host]
+    else:
+        return ["*"]
+    public = urlsplit(settings.gateway_public_url).hostname if settings.gateway_public_url else None
+    return sorted({*hosts, public} - {None})
+
+
 def normalize(origin: str) -> str | None:
     """`scheme://host[:port]` as a browser serializes it (lower case, no default port); None if not one."""
     try:

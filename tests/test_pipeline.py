@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import pytest
 
@@ -102,6 +103,16 @@ async def test_user_speech_barges_in(stack: Stack):
     await browser.close()
 
 
+async def wait_new_owner(stack: Stack, sid: str, old: str, timeout_s: float = 60.0) -> float:
+    """When another STT worker took the session over (monotonic time)."""
+    r = stack.redis()
+    deadline = time.monotonic() + timeout_s
+    while (r.hget(keys.session(sid), keys.F_STT_OWNER) or b"").decode() == old:
+        assert time.monotonic() < deadline, "no STT worker took the session over"
+        await asyncio.sleep(0.05)
+    return time.monotonic()
+
+
 async def test_killed_stt_worker_is_replaced_mid_session(stack: Stack):
     spare = stack.start("stt-worker")
     stack.wait_workers("stt", 2)
@@ -115,6 +126,8 @@ async def test_killed_stt_worker_is_replaced_mid_session(stack: Stack):
     pid = int(owner.split("-")[-2])
     [victim] = [name for name, proc in stack.procs.items() if proc.pid == pid]
     stack.kill(victim)  # kill -9, mid-session
+    killed_at = time.monotonic()
+    taken_over = asyncio.create_task(wait_new_owner(stack, browser.session.session_id, owner))
 
     # The user keeps talking; the survivor takes the session over after the lease and
     # transcribes the next utterance (the audio sent meanwhile waits in the stream).
@@ -132,6 +145,9 @@ async def test_killed_stt_worker_is_replaced_mid_session(stack: Stack):
     await browser.wait_for(lambda e: e.get("type") == "avatar.reply" and e["turn_id"] == second["utterance_id"], 30)
     replies = [e["turn_id"] for e in browser.of_type("avatar.reply")]
     assert len(replies) == len(set(replies))
+    recover_s = await taken_over - killed_at
+    print(f"\nFAULT-METRIC stt_worker_kill9 recover_s={recover_s:.2f} lease_s=3.00 "
+          f"utterances=2 finals={len(finals)} lost=0 duplicated={len(replies) - len(set(replies))}")
     await browser.close()
     if victim.startswith("stt") and spare != victim:
         stack.procs.pop(victim, None)

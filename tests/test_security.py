@@ -7,14 +7,17 @@ The gateway trusts proxy headers from 127.0.0.1 (uvicorn's default, `FORWARDED_A
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import httpx
 import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from common import keys
 from common.settings import Settings
-from gateway.origins import OriginPolicy, normalize
+from gateway.origins import OriginPolicy, normalize, trusted_hosts
 from gateway.ratelimit import TokenBuckets
 from tests.browser_util import launch, silence_wav, static_server
 from tests.client import Browser, Session, create_session
@@ -75,6 +78,18 @@ def test_origins_are_compared_as_browsers_serialize_them():
     assert OriginPolicy.from_settings(Settings(_env_file=None, allowed_origins="")).cors_origins() == []
 
 
+def test_a_loopback_gateway_answers_only_loopback_host_names():
+    def hosts(**kw: str) -> list[str]:
+        return trusted_hosts(Settings(_env_file=None, **kw))
+
+    assert hosts() == sorted({"localhost", "*.localhost", "127.0.0.1", "[::1]"})  # the default bind
+    assert "gw.example.com" in hosts(gateway_public_url="https://gw.example.com/app")
+    assert hosts(gateway_host="0.0.0.0") == ["*"]  # compose, behind a proxy: any name ...
+    assert hosts(gateway_host="0.0.0.0", allowed_hosts="Avatars.Example.com, *.example.org") == [
+        "*.example.org", "avatars.example.com",  # ... unless narrowed
+    ]
+
+
 def test_token_buckets_refill_and_stay_bounded():
     now = [0.0]
     buckets = TokenBuckets(rate_per_min=60, burst=2, max_clients=100, clock=lambda: now[0])
@@ -122,6 +137,31 @@ async def test_socket_from_another_origin_gets_4403_and_the_session_is_untouched
     log = gateway.logs[name].read_text()
     assert "not allowed" in log and EVIL in log
     assert session.token not in log
+
+
+async def test_dns_rebinding_a_page_to_a_local_gateway_gets_400(gateway: Stack):
+    """evil.example re-pointed at 127.0.0.1: its page's Origin matches its Host, so only the Host
+    check can tell; the loopback gateway answers loopback names only."""
+    port = int(gateway.base_url.rsplit(":", 1)[1])
+    rebound = f"http://evil.example:{port}"
+    r = gateway.redis()
+    live_before = r.zcard(keys.SESSIONS_INDEX)
+    async with httpx.AsyncClient(base_url=gateway.base_url) as http:
+        refused = await http.post("/v1/sessions", json={}, headers={"Host": f"evil.example:{port}", "Origin": rebound})
+        assert refused.status_code == 400 and "host" in refused.text.lower()
+        assert r.zcard(keys.SESSIONS_INDEX) == live_before  # nothing created
+        for name in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+            assert (await http.get("/healthz", headers={"Host": name})).status_code == 200, name
+
+    session = await create_session(gateway.base_url)
+    path = session.ws_url.split(f":{port}", 1)[1]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        with pytest.raises(InvalidStatus) as refused_ws:
+            await websockets.connect(
+                f"ws://evil.example:{port}{path}?token={session.token}", sock=sock, origin=rebound
+            )
+    assert refused_ws.value.response.status_code == 400
+    assert not r.zcard(keys.conns(session.session_id))  # never reached the session
 
 
 @pytest.mark.browser
