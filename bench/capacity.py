@@ -54,7 +54,7 @@ from websockets.asyncio.server import ServerConnection
 
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
-from bench.stt_deepgram import WORDS, Closed, TimedFakeDeepgram, wait_ready
+from bench.stt_deepgram import PAUSE_S, WORDS, Closed, TimedFakeDeepgram, script, wait_ready
 from common import keys
 from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, Speech
@@ -62,7 +62,6 @@ from tests.fakes.heygen import FakeHeyGen
 
 DEEPGRAM_KEY = "bench-deepgram-key"
 HEYGEN_KEY = "bench-heygen-key"
-PAUSE_S = 1.5  # after each utterance: endpointing (300 ms) and UtteranceEnd (1 s) both fire
 WAIT_S = 120.0
 WARMUP_S = 1.0  # frames in a session's first second include its start-up (Deepgram handshake)
 TAG = re.compile(r"^r(\d+)s(\d+)u(\d+)\b")
@@ -193,16 +192,6 @@ class Round:
 
 def _r(x: float) -> float | None:
     return None if x != x else round(x, 2)
-
-
-def script(round_no: int, session: int, utterances: int, lead_s: float) -> tuple[Speech, list[str]]:
-    speech = Speech().pause(lead_s)
-    texts = []
-    for u in range(utterances):
-        text = " ".join([f"r{round_no}s{session}u{u}", *WORDS])
-        speech.say(text).pause(PAUSE_S)
-        texts.append(text)
-    return speech, texts
 
 
 class Stack:

@@ -33,10 +33,11 @@ from common.models import AvatarAudio, AvatarReply, UserTurn, turn_adapter
 from common.pcm import FRAME_BYTES
 from common.settings import Settings
 from tests.client import Browser, Session, create_session
-from tests.conftest import Stack, scrape, stack_env, start_stack, worker_metrics_url
+from tests.conftest import Stack, scrape, start_stack, worker_metrics_url
 from tests.fakes.deepgram import FakeDeepgram, Speech
 from tests.fakes.heygen import FakeHeyGen
 from tests.speech import speech_available, speech_pcm
+from tests.test_gateway import start_gateway
 
 pytestmark = pytest.mark.slow
 
@@ -379,23 +380,6 @@ async def test_a_killed_gateways_sockets_stop_counting_and_sessions_end_after_th
 PCM_BYTES = 128 * 1024  # one audio event's frame (random: deflate cannot shrink it)
 FLOOD_EVENTS = 1700  # ≈ 218 MB in all: well over the memory bound, within EVENTS_STREAM_MAXLEN
 RSS_BOUND_MB = 100.0
-
-
-def start_gateway(redis_url: str, **extra: str) -> Stack:
-    """The gateway alone (no workers): the test plays the workers by publishing events itself."""
-    port = free_port()
-    stack = Stack(redis_url, stack_env(redis_url, port, ADMISSION_CONTROL="false", **extra), f"http://127.0.0.1:{port}")
-    stack.start("gateway")
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{stack.base_url}/healthz", timeout=1).status_code == 200:
-                return stack
-        except httpx.HTTPError:
-            pass
-        stack.assert_alive()
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.05)
 
 
 def rss_mb(pid: int) -> float:
