@@ -1,6 +1,7 @@
 """Faults injected on real processes: Redis restarting under a live stack, the gateway killed and
-restarted mid-reply, an avatar worker killed mid-reply, a browser that stops reading, and the
-secrets of a full cloud session.
+restarted mid-reply, an avatar worker killed mid-reply (local, and holding a live HeyGen session),
+a browser that stops reading, a speech engine that stops reading, and the secrets of a full cloud
+session.
 
 Each scenario prints one parseable line, `FAULT-METRIC <scenario> recover_s=… lost=… duplicated=…`
 (visible with `pytest -s`): the time to recover and what was lost or repeated, measured on the real
@@ -314,6 +315,59 @@ async def test_avatar_worker_killed_mid_reply_the_other_one_answers_every_turn_o
         stack.assert_alive()
     finally:
         await asyncio.to_thread(stack.stop_all)
+
+
+async def test_avatar_worker_killed_with_a_live_heygen_session_resumes_it_and_leaks_nothing(redis_url: str) -> None:
+    """The paid vendor session outlives the worker that opened it: the new owner must resume it
+    (same HeyGen session, same LiveKit room for the page) and, at the end, stop it."""
+    key = "hg-kill-key"
+    with FakeHeyGen(api_key=key, speech_ms_per_char=2.0) as fake:
+        stack = await asyncio.to_thread(
+            start_stack, redis_url,
+            AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=key, HEYGEN_SERVER_URL=fake.url, HEYGEN_AVATAR_ID="Anna_public",
+            HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5",
+        )
+        try:
+            await asyncio.to_thread(stack.start, "avatar-worker")
+            await asyncio.to_thread(stack.wait_workers, "avatar", 2)
+            browser = Browser(await create_session(stack.base_url))
+            sid = browser.session.session_id
+            await browser.connect()
+            ready_1 = await browser.wait_type("session.ready", GUARD_S)
+            await browser.send_json({"type": "text", "text": "What is avatar stack?"})
+            await browser.wait_type("avatar.reply", GUARD_S)
+            [vendor_session] = fake.open_sessions()
+
+            _, victim = owner_process(stack, sid, keys.F_AVATAR_OWNER)
+            killed_at = time.monotonic()
+            await asyncio.to_thread(stack.kill, victim)
+            await browser.send_json({"type": "text", "text": "How do I scale it?"})
+            ready_2 = await browser.wait_for(
+                lambda e: e["type"] == "session.ready" and e["id"] != ready_1["id"], GUARD_S
+            )
+            recover_s = ready_2["_rx"] - killed_at
+            turn_2 = user_turns(stack, sid)[1]
+            reply_2 = await browser.wait_for(
+                lambda e: e["type"] == "avatar.reply" and e["turn_id"] == turn_2.turn_id, GUARD_S
+            )
+            await browser.wait_for(stopped(reply_2["reply_id"]), GUARD_S)
+            assert fake.open_sessions() == [vendor_session]  # resumed, not replaced: one paid session
+            assert ready_2["livekit"] == ready_1["livekit"]  # the page stays in the same room
+            spoken = " ".join(c.body.get("text", "") for c in fake.calls_to("/v1/streaming.task", vendor_session))
+            assert reply_2["text"][:24] in spoken  # the new owner spoke through the resumed session
+
+            await browser.close()  # the user leaves: the vendor session must stop
+            deadline = time.monotonic() + GUARD_S
+            while fake.open_sessions():
+                assert time.monotonic() < deadline, "the HeyGen session outlived ours"
+                await asyncio.sleep(0.05)
+            stopped_s = time.monotonic() - deadline + GUARD_S
+        finally:
+            await asyncio.to_thread(stack.stop_all)
+    created = len(fake.calls_to("/v1/streaming.new"))
+    assert created == 1
+    metric("heygen_avatar_worker_kill9", recover_s=recover_s, vendor_sessions_created=created,
+           stopped_after_end_s=stopped_s, leaked=0)
 
 
 # --- a gateway killed with a socket open, then the page leaves for good ----------------------------
