@@ -21,9 +21,11 @@ from gateway.origins import OriginPolicy, normalize, trusted_hosts
 from gateway.ratelimit import TokenBuckets
 from tests.browser_util import launch, silence_wav, static_server
 from tests.client import Browser, Session, create_session
-from tests.conftest import Stack
+from tests.conftest import Stack, start_stack
+from tests.fakes.heygen import FakeHeyGen
 from tests.test_gateway import start_gateway
 
+GUARD_S = 60.0  # hang guard, never a latency requirement
 EVIL = "https://evil.example"
 APP = "https://app.example.com"
 
@@ -310,3 +312,48 @@ async def test_api_key_holders_are_not_limited_but_guessers_are(redis_url: str):
             assert codes == [401, 401, 401, 429]
     finally:
         stack.stop_all()
+
+
+# ------------------------------------------------------------------ idle sessions
+
+
+async def test_a_forgotten_session_ends_after_the_idle_timeout_and_stops_its_paid_avatar(redis_url: str):
+    """A tab left open with nobody talking must not hold a paid vendor session forever; a user who
+    keeps talking is not cut off."""
+    key = "hg-idle-key"
+    with FakeHeyGen(api_key=key, speech_ms_per_char=1.0) as fake:
+        stack = await asyncio.to_thread(
+            start_stack, redis_url,
+            AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=key, HEYGEN_SERVER_URL=fake.url, HEYGEN_AVATAR_ID="Anna_public",
+            HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5", SESSION_IDLE_TIMEOUT_S="4",
+        )
+        try:
+            forgotten = Browser(await create_session(stack.base_url))
+            talker = Browser(await create_session(stack.base_url))
+            for browser in (forgotten, talker):
+                await browser.connect()
+                await browser.wait_type("session.ready", GUARD_S)
+            assert len(fake.open_sessions()) == 2
+
+            async def keep_talking() -> None:
+                while True:
+                    await talker.send_json({"type": "text", "text": "Are you still there?"})
+                    await asyncio.sleep(1.0)
+
+            chatting = asyncio.create_task(keep_talking())
+            try:
+                ended = await forgotten.wait_type("session.ended", GUARD_S)
+                assert ended["reason"] == "idle_timeout"
+                deadline = time.monotonic() + GUARD_S
+                while len(fake.open_sessions()) > 1:  # the forgotten one's vendor session is stopped
+                    assert time.monotonic() < deadline, "the idle session's HeyGen session was never stopped"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(2.0)
+                assert not talker.of_type("session.ended")  # the one who talks goes on
+                assert len(fake.open_sessions()) == 1
+            finally:
+                chatting.cancel()
+            await forgotten.close()
+            await talker.close()
+        finally:
+            await asyncio.to_thread(stack.stop_all)
