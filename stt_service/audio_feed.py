@@ -8,7 +8,8 @@ of many sessions, so the cost per frame falls as the number of sessions grows.
 
 Flow control: a session whose queue is full (its engine is not keeping up) is left out of the
 next XREAD until it has room, so one slow session never holds the others back nor grows memory;
-its audio waits in its Redis stream (itself bounded by MAXLEN).
+its audio waits in its Redis stream (itself bounded by MAXLEN; the worker counts what MAXLEN
+trims before it reads it, from the gateway's per-socket frame numbers).
 
 A Redis failure reaches every subscribed session (its `get` raises), which is what the claim loop
 expects: the session is handed back and resumes from its stored cursor.
