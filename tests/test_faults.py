@@ -184,6 +184,23 @@ def stopped(reply_id: str):
     return lambda e: e.get("type") == "avatar.stopped_talking" and e["reply_id"] == reply_id
 
 
+async def kill_the_avatar_owner(stack: Stack, wait_for: str) -> tuple[Browser, dict[str, Any], str, float]:
+    """With a second avatar worker running, open a session, ask a question and, once `wait_for`
+    arrives, kill -9 the worker that owns the session. Returns the page, its first
+    `session.ready`, the killed owner and the time of the kill."""
+    await asyncio.to_thread(stack.start, "avatar-worker")
+    await asyncio.to_thread(stack.wait_workers, "avatar", 2)
+    browser = Browser(await create_session(stack.base_url))
+    await browser.connect()
+    ready = await browser.wait_type("session.ready", GUARD_S)
+    await browser.send_json({"type": "text", "text": "What is avatar stack?"})
+    await browser.wait_type(wait_for, GUARD_S)
+    owner, victim = owner_process(stack, browser.session.session_id, keys.F_AVATAR_OWNER)
+    killed_at = time.monotonic()
+    await asyncio.to_thread(stack.kill, victim)  # kill -9: the lease has to run out
+    return browser, ready, owner, killed_at
+
+
 # --- the gateway killed mid-reply ---------------------------------------------------------------
 
 
@@ -258,18 +275,8 @@ async def test_gateway_killed_mid_reply_the_page_resumes_on_a_new_one_losing_not
 async def test_avatar_worker_killed_mid_reply_the_other_one_answers_every_turn_once(redis_url: str) -> None:
     stack = await asyncio.to_thread(start_stack, redis_url)
     try:
-        await asyncio.to_thread(stack.start, "avatar-worker")
-        await asyncio.to_thread(stack.wait_workers, "avatar", 2)
-        browser = Browser(await create_session(stack.base_url))
+        browser, ready_1, owner, killed_at = await kill_the_avatar_owner(stack, "avatar.audio")  # mid-reply
         sid = browser.session.session_id
-        await browser.connect()
-        ready_1 = await browser.wait_type("session.ready", GUARD_S)
-        await browser.send_json({"type": "text", "text": "What is avatar stack?"})
-        await browser.wait_type("avatar.audio", GUARD_S)  # mid-reply
-
-        owner, victim = owner_process(stack, sid, keys.F_AVATAR_OWNER)
-        killed_at = time.monotonic()
-        await asyncio.to_thread(stack.kill, victim)  # kill -9: the lease has to run out
         # The user asks again at once, while no worker holds the session: the turn waits in Redis.
         await browser.send_json({"type": "text", "text": "How do I scale avatar stack?"})
         ready_2 = await browser.wait_for(lambda e: e["type"] == "session.ready" and e["id"] != ready_1["id"], GUARD_S)
@@ -328,19 +335,9 @@ async def test_avatar_worker_killed_with_a_live_heygen_session_resumes_it_and_le
             HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5",
         )
         try:
-            await asyncio.to_thread(stack.start, "avatar-worker")
-            await asyncio.to_thread(stack.wait_workers, "avatar", 2)
-            browser = Browser(await create_session(stack.base_url))
+            browser, ready_1, _, killed_at = await kill_the_avatar_owner(stack, "avatar.reply")
             sid = browser.session.session_id
-            await browser.connect()
-            ready_1 = await browser.wait_type("session.ready", GUARD_S)
-            await browser.send_json({"type": "text", "text": "What is avatar stack?"})
-            await browser.wait_type("avatar.reply", GUARD_S)
-            [vendor_session] = fake.open_sessions()
-
-            _, victim = owner_process(stack, sid, keys.F_AVATAR_OWNER)
-            killed_at = time.monotonic()
-            await asyncio.to_thread(stack.kill, victim)
+            [vendor_session] = fake.open_sessions()  # kill -9 stopped nothing: the same one is open
             await browser.send_json({"type": "text", "text": "How do I scale it?"})
             ready_2 = await browser.wait_for(
                 lambda e: e["type"] == "session.ready" and e["id"] != ready_1["id"], GUARD_S
