@@ -330,9 +330,7 @@ async def test_avatar_worker_killed_with_a_live_heygen_session_resumes_it_and_le
     key = "hg-kill-key"
     with FakeHeyGen(api_key=key, speech_ms_per_char=2.0) as fake:
         stack = await asyncio.to_thread(
-            start_stack, redis_url,
-            AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=key, HEYGEN_SERVER_URL=fake.url, HEYGEN_AVATAR_ID="Anna_public",
-            HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5",
+            start_stack, redis_url, **fake.stack_env(HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5")
         )
         try:
             browser, ready_1, _, killed_at = await kill_the_avatar_owner(stack, "avatar.reply")
@@ -725,9 +723,7 @@ async def test_no_secret_in_any_log_or_event_of_a_full_heygen_session(redis_url:
     key = "hg-scan-key-8a41f6b0c3"
     with FakeHeyGen(api_key=key, speech_ms_per_char=2.0) as fake:
         stack = await asyncio.to_thread(
-            start_stack, redis_url,
-            AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=key, HEYGEN_SERVER_URL=fake.url, HEYGEN_AVATAR_ID="Anna_public",
-            HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5",
+            start_stack, redis_url, **fake.stack_env(HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5")
         )
         try:
             browser = Browser(await create_session(stack.base_url))

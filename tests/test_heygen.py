@@ -647,10 +647,7 @@ class StackRun:
 
 
 def heygen_stack(redis_url: str, fake: FakeHeyGen, **env: str) -> Iterator[StackRun]:
-    stack = start_stack(
-        redis_url, AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=KEY, HEYGEN_SERVER_URL=fake.url,
-        HEYGEN_AVATAR_ID="Anna_public", **env,
-    )
+    stack = start_stack(redis_url, **fake.stack_env(**env))
     try:
         yield StackRun(stack, fake)
     finally:

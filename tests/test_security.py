@@ -324,8 +324,7 @@ async def test_a_forgotten_session_ends_after_the_idle_timeout_and_stops_its_pai
     with FakeHeyGen(api_key=key, speech_ms_per_char=1.0) as fake:
         stack = await asyncio.to_thread(
             start_stack, redis_url,
-            AVATAR_PROVIDER="heygen", HEYGEN_API_KEY=key, HEYGEN_SERVER_URL=fake.url, HEYGEN_AVATAR_ID="Anna_public",
-            HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5", SESSION_IDLE_TIMEOUT_S="4",
+            **fake.stack_env(HEYGEN_TASK_TYPE="repeat", HEYGEN_KEEPALIVE_S="0.5", SESSION_IDLE_TIMEOUT_S="4"),
         )
         try:
             forgotten = Browser(await create_session(stack.base_url))

@@ -153,6 +153,13 @@ class FakeHeyGen(ThreadedFake):
 
     # ---- test helpers (lifecycle: see ThreadedFake)
 
+    def stack_env(self, **extra: str) -> dict[str, str]:
+        """The settings that point a stack's avatar worker at this fake, plus `extra`."""
+        return {
+            "AVATAR_PROVIDER": "heygen", "HEYGEN_API_KEY": self.api_key, "HEYGEN_SERVER_URL": self.url,
+            "HEYGEN_AVATAR_ID": "Anna_public", **extra,
+        }
+
     def fail_next(self, path: str, status: int = 503, body: dict[str, Any] | None = None, times: int = 1) -> None:
         """The next `times` requests to `path` fail with `status` (a transient outage, by default)."""
         with self._lock:
