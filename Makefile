@@ -17,10 +17,11 @@ test: setup-system setup
 
 setup: $(STAMP) frontend/node_modules/livekit-client/dist/livekit-client.umd.js
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 frontend/node_modules/livekit-client/dist/livekit-client.umd.js: frontend/package.json frontend/package-lock.json

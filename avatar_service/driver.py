@@ -49,6 +49,16 @@ class AvatarSession(Protocol):
     async def interrupt(self) -> None:
         """Stop the avatar's current speech at once (barge-in); the running `speak` returns."""
 
+    async def pause(self) -> bool:
+        """Go quiet now but keep the place (the user may have only coughed). False when this
+        avatar cannot pause (then the worker interrupts once the words are clear)."""
+
+    async def resume(self) -> None:
+        """Continue after `pause()` from where it stopped."""
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        """The user started (True) or finished (False) talking: a listening pose, where the vendor has one."""
+
     async def on_vendor_event(self, event: str, data: dict) -> None:
         """An event the page relayed from the vendor's data channel."""
 

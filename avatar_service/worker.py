@@ -1,9 +1,12 @@
 """The avatar worker: claims sessions, starts their avatar, answers user turns, handles barge-in.
 
 Per session: read `turns:{sid}` from the resume cursor; user turns go, in order, to one speaker
-task; a barge-in (`user.speech_started` or a typed interrupt) cancels the reply being spoken at
-once. The worker also ends sessions whose browser left (after the grace period) or that went
-idle, and always stops the avatar when a session ends.
+task. Barge-in needs words: a bare voice onset only turns the avatar towards the user (listening
+pose); words heard over the avatar that are neither its own echo nor a backchannel pause it, a
+real turn then stops it, and if no turn follows within `barge_in_resume_s` it resumes where it
+was (avatars that cannot pause are interrupted). A typed interrupt stops it at once. The worker
+also ends sessions whose browser left (after the grace period) or that went idle, and always
+stops the avatar when a session ends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prometheus_client import Counter, Histogram
 
 from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
+from avatar_service.turn_policy import TurnPolicy
 from common import keys
 from common.bus import Bus
 from common.jobs import Job
@@ -27,9 +31,12 @@ from common.models import (
     AvatarReply,
     AvatarStoppedTalking,
     AvatarVendorEvent,
+    SessionConfig,
     SessionEnd,
     SpeechStarted,
+    TranscriptIgnored,
     UserInterrupt,
+    UserSpeech,
     UserTurn,
 )
 from common.sessions import SessionStore
@@ -42,6 +49,8 @@ TURN_TO_ANSWER = Histogram(
     "avatar_turn_to_answer_seconds", "User turn added to Redis -> this worker starts answering it", buckets=HOP_BUCKETS
 )
 TURNS = Counter("avatar_turns_answered_total", "User turns answered", ["source"])  # voice | text
+HEARD = Counter("avatar_heard_total", "Speech heard while the avatar could be heard, by verdict", ["verdict", "stage"])
+BARGE_INS = Counter("avatar_barge_ins_total", "Barge-ins, by outcome", ["outcome"])  # paused | resumed | stopped
 
 READ_BLOCK_MS = 1000
 MAX_PENDING_TURNS = 8
@@ -83,7 +92,7 @@ class AvatarWorker:
                 ended = True
                 return
             await self.store.mark_live(sid)
-            ended = await _Conversation(self, sid, avatar).run()
+            ended = await _Conversation(self, sid, avatar, config).run()
         finally:
             if ended or await self.store.is_ended(sid):
                 await avatar.stop("session_ended")
@@ -92,10 +101,13 @@ class AvatarWorker:
 class _Conversation:
     """One session's turn loop on the owning worker."""
 
-    def __init__(self, worker: AvatarWorker, sid: str, avatar: AvatarSession) -> None:
+    def __init__(self, worker: AvatarWorker, sid: str, avatar: AvatarSession, config: SessionConfig) -> None:
         self.w = worker
         self.sid = sid
         self.avatar = avatar
+        self.policy = TurnPolicy(worker.settings, config.language)
+        self.paused = False
+        self._resume_timer: asyncio.Task[None] | None = None
         self.pending: asyncio.Queue[tuple[str, UserTurn]] = asyncio.Queue(MAX_PENDING_TURNS)
         self.pending_ids: deque[str] = deque()
         self.speaking: asyncio.Task[None] | None = None
@@ -129,19 +141,103 @@ class _Conversation:
     async def _handle(self, entry_id: str, turn: object) -> None:
         if isinstance(turn, UserTurn):
             self.last_activity = time.time()
+            if turn.source == "voice" and not await self._is_a_turn(turn):
+                return
+            await self.avatar.on_user_speaking(False)
+            if self._talking():
+                BARGE_INS.labels("stopped").inc()
+                await self._interrupt()  # the user took the floor: the rest of the reply goes
             if self.pending.full():
                 log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
                 return
             self.pending_ids.append(entry_id)
             self.pending.put_nowait((entry_id, turn))
-        elif isinstance(turn, SpeechStarted | UserInterrupt):
+        elif isinstance(turn, SpeechStarted):
+            self.last_activity = time.time()
+            await self.avatar.on_user_speaking(True)
+        elif isinstance(turn, UserSpeech):
+            if self._talking():
+                await self._heard_over_avatar(turn)
+        elif isinstance(turn, UserInterrupt):
             self.last_activity = time.time()
             await self._interrupt()
         elif isinstance(turn, AvatarVendorEvent):
             await self.avatar.on_vendor_event(turn.event, turn.data)
 
+    async def _is_a_turn(self, turn: UserTurn) -> bool:
+        """A final is answered unless it is the avatar's own echo or a backchannel said over it.
+
+        Each segment is judged on its own (a turn may join the tail of the avatar's echo with the
+        user's question): echo segments are dropped from what is answered."""
+        talking = self._talking()
+        verdict = self.policy.judge(turn.text, avatar_talking=talking)
+        if turn.segments:
+            kept = [s for s in turn.segments if self.policy.judge(s.text, avatar_talking=talking,
+                                                                   started_at=s.started_at) != "echo"]
+            if not kept:
+                verdict = "echo"
+            elif len(kept) < len(turn.segments):
+                turn.text = " ".join(s.text for s in kept)
+                verdict = self.policy.judge(turn.text, avatar_talking=talking, started_at=kept[0].started_at)
+            elif verdict == "echo":  # the whole text matches, but no segment began while it talked
+                verdict = self.policy.judge(turn.text, avatar_talking=talking, started_at=kept[0].started_at)
+        HEARD.labels(verdict, "final").inc()
+        if verdict == "words":
+            return True
+        if verdict in ("echo", "backchannel"):
+            log.info("not a turn (%s): %s", verdict, turn.turn_id, extra={"sid": self.sid})
+            await self.w.bus.publish_event(self.sid, TranscriptIgnored(utterance_id=turn.turn_id, reason=verdict))
+        await self._resume()
+        return False
+
+    async def _heard_over_avatar(self, speech: UserSpeech) -> None:
+        """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
+        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at, interim=True)
+        HEARD.labels(verdict, "interim").inc()
+        if verdict != "words":
+            return
+        if not self.paused:
+            if not await self.avatar.pause():
+                BARGE_INS.labels("stopped").inc()
+                await self._interrupt()
+                return
+            BARGE_INS.labels("paused").inc()
+            self.paused = True
+        wait_s = self.w.settings.barge_in_resume_s
+        if speech.held:  # the STT worker waits for the rest of this turn: so does the pause
+            wait_s = max(wait_s, self.w.settings.turn_max_wait_s + 0.5)
+        self._arm_resume(wait_s)  # more words: the window starts again
+
+    def _talking(self) -> bool:
+        return self.speaking is not None and not self.speaking.done()
+
+    def _arm_resume(self, wait_s: float) -> None:
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+        self._resume_timer = asyncio.create_task(self._resume_later(wait_s))
+
+    async def _resume_later(self, wait_s: float) -> None:
+        await asyncio.sleep(wait_s)
+        self._resume_timer = None  # so _resume does not cancel the task it runs in
+        await self._resume()
+
+    async def _resume(self) -> None:
+        """False interruption (no turn came): carry on from where the avatar paused."""
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        if self.paused:
+            self.paused = False
+            if self._talking():
+                BARGE_INS.labels("resumed").inc()
+                await self.avatar.resume()
+
     async def _interrupt(self) -> None:
         """Barge-in: drop the rest of the current reply at once."""
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        self.paused = False
         task = self.speaking
         if task is None or task.done():
             return
@@ -174,12 +270,16 @@ class _Conversation:
                     speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
                 else:  # our brain writes the answer; speech starts with its first sentence
                     speech = self._answer(reply_id, turn)
+                self.policy.echo.reply_started()
                 self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
                 except asyncio.CancelledError:
                     self.speaking.cancel()
                     raise  # handed over mid-reply: the field stays, for the next owner to close it
+                finally:
+                    self.policy.echo.reply_ended()
+                    self.paused = False
                 await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
                 if not self.speaking.cancelled() and self.speaking.exception() is not None:
                     log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
@@ -213,6 +313,7 @@ class _Conversation:
             done = reply.done.is_set()
             if reply.text != shown:
                 shown = reply.text
+                self.policy.echo.reply_text(shown)
                 await self.w.bus.publish_event(self.sid, AvatarReply(reply_id=reply_id, turn_id=turn_id, text=shown))
             if done:
                 return

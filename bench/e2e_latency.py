@@ -20,11 +20,11 @@ import sys
 import time
 
 import httpx
-import numpy as np
 
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import pct, rss_mb
 from tests.client import Browser, create_session
+from tests.room import trim_trailing_silence
 from tests.speech import speech_pcm
 
 QUESTIONS = [
@@ -39,18 +39,6 @@ QUESTIONS = [
     "Does it work offline?",
     "Thank you very much.",
 ]
-
-
-
-
-def trim_trailing_silence(pcm: bytes, threshold_db: float = -45.0) -> bytes:
-    """Cut the file after its last voiced 20 ms frame, so 'end of speech' is when the voice stops."""
-    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
-    hop = 320
-    n = len(samples) // hop
-    rms = np.sqrt(np.mean(samples[: n * hop].reshape(n, hop) ** 2, axis=1))
-    voiced = np.nonzero(20 * np.log10(rms + 1e-9) > threshold_db)[0]
-    return pcm[: (int(voiced[-1]) + 1) * hop * 2] if len(voiced) else pcm
 
 
 

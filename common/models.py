@@ -150,6 +150,28 @@ class AvatarStoppedTalking(_Event):
     interrupted: bool = False
 
 
+class AvatarPaused(_Event):
+    """The avatar went quiet because the user started talking over it; `avatar.resumed` follows
+    if no words come (a cough, a door, a backchannel), else `avatar.stopped_talking`."""
+
+    type: Literal["avatar.paused"] = "avatar.paused"
+    reply_id: str
+
+
+class AvatarResumed(_Event):
+    type: Literal["avatar.resumed"] = "avatar.resumed"
+    reply_id: str
+
+
+class TranscriptIgnored(_Event):
+    """A final the avatar will not answer: its own voice heard back (`echo`) or a backchannel
+    ("mhm") said over it. The page shows it struck through, or not at all."""
+
+    type: Literal["transcript.ignored"] = "transcript.ignored"
+    utterance_id: str
+    reason: Literal["echo", "backchannel"]
+
+
 class AvatarAudio(_Event):
     """Announces the binary frame that follows it: one chunk of the local avatar's speech.
 
@@ -185,6 +207,9 @@ Event = Annotated[
     | AvatarReply
     | AvatarStartedTalking
     | AvatarStoppedTalking
+    | AvatarPaused
+    | AvatarResumed
+    | TranscriptIgnored
     | AvatarAudio
     | ErrorEvent
     | SessionEnded,
@@ -196,6 +221,13 @@ event_adapter: TypeAdapter[Event] = TypeAdapter(Event)
 # ---------------------------------------------------------------- bus: turns:{sid}
 
 
+class TurnSegment(_Msg):
+    """One stretch of speech between pauses; a voice turn is one or more of them."""
+
+    text: str
+    started_at: int  # unix ms when its first audio reached the STT worker (≈ when it was spoken)
+
+
 class UserTurn(_Msg):
     """A finished user turn: a final utterance (voice) or a typed message (text)."""
 
@@ -203,13 +235,26 @@ class UserTurn(_Msg):
     turn_id: str
     text: str
     source: Literal["voice", "text"]
+    segments: list[TurnSegment] = Field(default_factory=list)  # voice: the pieces, for the echo guard
     ts: int = Field(default_factory=now_ms)
 
 
 class SpeechStarted(_Msg):
-    """The user started speaking: the barge-in signal."""
+    """Voice activity began (maybe speech, maybe a cough): the avatar takes a listening pose; it
+    stops talking only for words (`user.speech`)."""
 
     type: Literal["user.speech_started"] = "user.speech_started"
+    ts: int = Field(default_factory=now_ms)
+
+
+class UserSpeech(_Msg):
+    """Words of the utterance in progress (an interim): barge-in needs words, not a bare onset."""
+
+    type: Literal["user.speech"] = "user.speech"
+    utterance_id: str
+    text: str
+    started_at: int = 0  # unix ms when the utterance's first audio reached the STT worker
+    held: bool = False  # a finished segment of a turn the STT worker holds open (more may follow)
     ts: int = Field(default_factory=now_ms)
 
 
@@ -235,7 +280,7 @@ class SessionEnd(_Msg):
 
 
 Turn = Annotated[
-    UserTurn | SpeechStarted | UserInterrupt | AvatarVendorEvent | SessionEnd,
+    UserTurn | SpeechStarted | UserSpeech | UserInterrupt | AvatarVendorEvent | SessionEnd,
     Field(discriminator="type"),
 ]
 turn_adapter: TypeAdapter[Turn] = TypeAdapter(Turn)

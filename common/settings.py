@@ -87,6 +87,30 @@ class Settings(BaseSettings):
     local_tts_voice: str = Field(default="", description="piper .onnx voice; empty = bundled en_US-joe-medium")
     knowledge_file: str = Field(default="", description="Q&A file for the local responder; empty = bundled")
 
+    # Turn-taking (README "Turns and barge-in")
+    # smart: a pause ends the turn only when the words and Smart Turn say the user finished;
+    # silence: every pause the engine reports ends the turn (the behaviour before turn detection)
+    turn_detection: Literal["smart", "silence"] = "smart"
+    turn_model_file: str = ""  # Smart Turn ONNX file; empty = the one inside the pipecat-ai package
+    turn_complete_threshold: float = Field(default=0.5, gt=0, lt=1)
+    turn_max_wait_s: float = Field(default=2.0, ge=0, le=10)  # an unfinished turn ends after this much silence
+    # The local engine's pause: a turn detector judges it, so it can be short; empty = 0.25 s (smart) / 0.4 s
+    local_stt_end_silence_s: float | None = Field(default=None, ge=0.1, le=2)
+    # Barge-in: the avatar yields only to words; first it pauses, and resumes if no more words come
+    barge_in_min_words: int = Field(default=2, ge=1, le=10)  # in an interim; a final turn stops it anyway
+    barge_in_resume_s: float = Field(default=2.5, ge=0, le=10)  # false-interruption window
+    # Backchannels per language (comma-separated): said over the avatar they neither stop it nor become turns
+    backchannels: dict[str, str] = {
+        "en": "mhm, mm, mm-hmm, hmm, uh-huh, uh huh, yeah, yes, yep, yup, right, ok, okay, sure, i see, "
+        "got it, cool, nice, great, wow, oh, ah, really, true, exactly, alright",
+        "de": "mhm, ja, genau, okay, stimmt, aha, achso, klar, richtig",
+        "es": "mhm, sí, vale, claro, ya, ajá, exacto, bueno",
+        "fr": "mhm, oui, ouais, d'accord, ok, ah, voilà, exactement",
+    }
+    echo_guard: bool = True  # user speech that repeats the avatar's own recent words is echo
+    echo_tail_s: float = Field(default=2.5, ge=0, le=30)  # when a speech start is unknown: how long echo may come
+    echo_match: float = Field(default=0.6, gt=0, le=1)  # share of the heard words found in the avatar's speech
+
     # Gateway
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
@@ -138,6 +162,11 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     stt_metrics_port: int = Field(default=9101, ge=0, le=65535)
     avatar_metrics_port: int = Field(default=9102, ge=0, le=65535)
+
+    def local_end_silence_s(self) -> float:
+        if self.local_stt_end_silence_s is not None:
+            return self.local_stt_end_silence_s
+        return 0.25 if self.turn_detection == "smart" else 0.4
 
     def resolved_stt_provider(self) -> str:
         if self.stt_provider != "auto":

@@ -22,6 +22,7 @@ const ui = {
   face: $("face"),
   video: $("avatar-video"),
   videoStatus: $("video-status"),
+  turn: $("turn-state"),
   audio: $("avatar-audio"),
   start: $("start-btn"),
   end: $("end-btn"),
@@ -56,7 +57,7 @@ const MAX_TRANSCRIPT_ITEMS = 300;
 const VOICE_RMS = 0.01; // mic frames louder than this (≈ −40 dBFS) count as the user speaking
 const SILENT_FRAME = new ArrayBuffer(640); // sent while muted, so speech recognition sees silence
 
-const player = new SpeechPlayer();
+const player = new SpeechPlayer({ loopback: !/^(0|false|off)$/.test(new URLSearchParams(location.search).get("loopback") || "") });
 const mic = new MicCapture({ onFrame });
 const face = new Face(ui.face);
 const cloud = new CloudAvatar({
@@ -94,6 +95,9 @@ const app = {
   lastPlaybackLevel: 0,
   maxPlaybackLevel: 0,
   livekit: null, // {url, token, state, error}
+  thinkingFor: null, // utterance id (or "typed") the avatar is about to answer
+  thinkingTimer: 0,
+  avatarPaused: false, // the server paused the avatar's voice while the user talks over it
 };
 
 // ------------------------------------------------------------------------------------ state
@@ -319,6 +323,27 @@ function handleEvent(event) {
       app.lastFinalAt = performance.now();
       breakdown.final(event, app.lastFinalAt, app.lastVoiceAt);
       upsertUtterance(event.utterance_id, event.text, true);
+      setThinking(event.utterance_id);
+      break;
+    case "transcript.ignored": {
+      // The avatar's own voice heard back (echo) or a "mhm" said over it: not a turn.
+      const li = findItem("data-utterance-id", event.utterance_id);
+      if (li && event.reason === "echo") li.remove();
+      else if (li) li.dataset.ignored = event.reason;
+      if (app.thinkingFor === event.utterance_id) setThinking(null);
+      break;
+    }
+    case "avatar.paused":
+      player.pause(); // the user started talking over it: quiet now, resume if it was nothing
+      app.avatarPaused = true;
+      markReply(event.reply_id, "paused", "true");
+      updateTurnState();
+      break;
+    case "avatar.resumed":
+      player.resume();
+      app.avatarPaused = false;
+      markReply(event.reply_id, "paused", "false");
+      updateTurnState();
       break;
     case "avatar.reply":
       if (!app.replyAt.has(event.reply_id)) app.replyAt.set(event.reply_id, performance.now());
@@ -328,13 +353,15 @@ function handleEvent(event) {
       break;
     case "avatar.started_talking":
       app.cloudSpeaking = true;
+      setThinking(null);
       if (app.livekit) breakdown.audio(event.reply_id, event.ts, performance.now(), "cloud"); // local: first chunk
       markReply(event.reply_id, "speaking", "true");
       break;
     case "avatar.stopped_talking":
       app.cloudSpeaking = false;
+      app.avatarPaused = false;
       markReply(event.reply_id, "speaking", "false");
-      if (event.interrupted) {
+      if (event.interrupted || app.avatarPaused) {
         player.stop(event.reply_id); // barge-in: silence it now, drop its queued chunks
         markReply(event.reply_id, "interrupted", "true");
         const now = performance.now();
@@ -581,6 +608,7 @@ function sendTyped(e) {
   li.querySelector(".text").textContent = text;
   scrollToEnd();
   ui.input.value = "";
+  setThinking("typed");
 }
 
 function interrupt() {
@@ -673,6 +701,30 @@ player.onReplyHeard = (replyId, heardAt) => {
   ui.detail.latency.textContent = `${(latency / 1000).toFixed(2)} s after you ${voice ? "stopped speaking" : "sent"}`;
 };
 
+// ------------------------------------------------------------------------------------ turn state
+
+const TURN_LABELS = { listening: "Listening", thinking: "Thinking…", speaking: "Speaking" };
+
+/** The turn the page waits on an answer for (null: none); "thinking" until the avatar talks. */
+function setThinking(utteranceId) {
+  app.thinkingFor = utteranceId;
+  clearTimeout(app.thinkingTimer);
+  // A turn that gets no answer (the server judged it, the avatar failed) must not think forever.
+  if (utteranceId) app.thinkingTimer = setTimeout(() => setThinking(null), 15000);
+  updateTurnState();
+}
+
+/** listening / thinking / speaking, on <body data-turn> and in the status line under the avatar. */
+function updateTurnState() {
+  const live = app.state === "live";
+  let turn = "";
+  if (live) turn = app.speaking && !app.avatarPaused ? "speaking" : app.thinkingFor ? "thinking" : "listening";
+  if (ui.body.dataset.turn === turn) return;
+  ui.body.dataset.turn = turn;
+  ui.turn.textContent = TURN_LABELS[turn] || "";
+  ui.turn.hidden = !turn;
+}
+
 // ------------------------------------------------------------------------------------ animation
 
 function frame(now) {
@@ -682,6 +734,7 @@ function frame(now) {
     app.speaking = speaking;
     ui.body.dataset.avatarSpeaking = String(speaking);
   }
+  updateTurnState();
   if (local) {
     face.tick(now, player.mouthNow());
     const level = player.level();
@@ -776,6 +829,12 @@ window.__avatarStack = {
   },
   get livekit() {
     return app.livekit && { ...app.livekit, connectAttempts: cloud.connectAttempts, eventsRelayed: cloud.eventsRelayed };
+  },
+  get turnState() {
+    return ui.body.dataset.turn || "";
+  },
+  get audioOutput() {
+    return player.output; // "loopback" (echo-cancelled WebRTC path) or "direct"
   },
   get framesSent() {
     return app.socket?.framesSent ?? 0;

@@ -1,11 +1,24 @@
 // Local avatar speech: PCM16 chunks scheduled back to back on a Web Audio clock, plus the mouth
 // envelope that travels with each chunk, looked up at the time the listener actually hears it.
+//
+// Echo: Chromium's echo canceller only subtracts audio that the page plays out of a WebRTC
+// stream, not Web Audio's own output, so the avatar's voice would come back through the
+// microphone. The output therefore goes through a loopback RTCPeerConnection pair inside the page
+// and plays from the remote track in an <audio> element, where the canceller sees it. If the
+// loopback cannot connect, the voice plays straight from Web Audio (echo guard on the server still
+// applies).
 
 const LEAD_S = 0.06; // headroom before the first chunk of a burst, absorbs network jitter
 const MAX_QUEUE_S = 180; // safety bound on audio scheduled ahead (a reply arrives faster than it plays)
+const LOOPBACK_TIMEOUT_MS = 3000; // a loopback that has not connected by then is given up for direct output
 
 export class SpeechPlayer {
-  constructor() {
+  /** @param {{loopback?: boolean, audioElement?: HTMLAudioElement}} options */
+  constructor({ loopback = true, audioElement = null } = {}) {
+    this.useLoopback = loopback && typeof RTCPeerConnection !== "undefined";
+    this.audioElement = audioElement;
+    this.output = "direct"; // "loopback" once the voice plays through WebRTC (echo-cancelled)
+    this.paused = false;
     this.ctx = null;
     this.analyser = null;
     this.levelBuf = null;
@@ -27,9 +40,80 @@ export class SpeechPlayer {
       this.analyser.fftSize = 1024;
       this.levelBuf = new Float32Array(this.analyser.fftSize);
       this.gain.connect(this.analyser);
-      this.analyser.connect(this.ctx.destination);
+      if (this.useLoopback) this.startLoopback().catch(() => this.playDirect());
+      else this.playDirect();
     }
-    if (this.ctx.state !== "running") this.ctx.resume().catch(() => {});
+    if (this.ctx.state !== "running" && !this.paused) this.ctx.resume().catch(() => {});
+  }
+
+  playDirect() {
+    if (this.output === "direct" && this.directConnected) return;
+    this.closeLoopback();
+    this.analyser.connect(this.ctx.destination);
+    this.directConnected = true;
+    this.output = "direct";
+  }
+
+  /** Web Audio → MediaStream → RTCPeerConnection → RTCPeerConnection → <audio>, all in this page. */
+  async startLoopback() {
+    const dest = this.ctx.createMediaStreamDestination();
+    this.analyser.connect(dest);
+    const send = new RTCPeerConnection();
+    const recv = new RTCPeerConnection();
+    this.loopback = { send, recv, dest };
+    send.onicecandidate = (e) => e.candidate && recv.addIceCandidate(e.candidate).catch(() => {});
+    recv.onicecandidate = (e) => e.candidate && send.addIceCandidate(e.candidate).catch(() => {});
+    const track = new Promise((resolve) => {
+      recv.ontrack = (e) => resolve(e);
+    });
+    for (const t of dest.stream.getAudioTracks()) send.addTrack(t, dest.stream);
+    const offer = await send.createOffer();
+    await send.setLocalDescription(offer);
+    await recv.setRemoteDescription(offer);
+    const answer = await recv.createAnswer();
+    await recv.setLocalDescription(answer);
+    await send.setRemoteDescription(answer);
+    const connected = new Promise((resolve, reject) => {
+      const check = () => {
+        if (recv.connectionState === "connected") resolve();
+        else if (recv.connectionState === "failed" || recv.connectionState === "closed") reject(new Error("loopback failed"));
+      };
+      recv.onconnectionstatechange = check;
+      check();
+      setTimeout(() => reject(new Error("loopback timeout")), LOOPBACK_TIMEOUT_MS);
+    });
+    const [event] = await Promise.all([track, connected]);
+    const receiver = event.receiver;
+    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0; // speech, not music: least delay
+    const el = this.audioElement || new Audio();
+    el.srcObject = new MediaStream([event.track]);
+    el.autoplay = true;
+    await el.play();
+    this.output = "loopback";
+  }
+
+  closeLoopback() {
+    if (!this.loopback) return;
+    const { send, recv, dest } = this.loopback;
+    this.loopback = null;
+    try {
+      this.analyser.disconnect(dest);
+    } catch {
+      /* already disconnected */
+    }
+    send.close();
+    recv.close();
+  }
+
+  /** Freeze playback where it is (the user started talking over the avatar); chunks keep queueing. */
+  pause() {
+    this.paused = true;
+    if (this.ctx && this.ctx.state === "running") this.ctx.suspend().catch(() => {});
+  }
+
+  resume() {
+    this.paused = false;
+    if (this.ctx && this.ctx.state !== "running") this.ctx.resume().catch(() => {});
   }
 
   /** Queue one chunk. `pcm` is PCM16 LE mono at `meta.sample_rate`. */
@@ -118,6 +202,7 @@ export class SpeechPlayer {
       if (i >= 0) this.scheduled.splice(i, 1);
     }
     if (this.ctx && this.scheduled.length === 0) this.nextStartTime = this.ctx.currentTime;
+    if (this.paused) this.resume(); // what was paused is gone; later replies must play
     if (this.discarded.size > 256) this.discarded = new Set([...this.discarded].slice(-128));
   }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 
 import redis.asyncio as aioredis
@@ -21,12 +22,21 @@ from common import keys
 from common.bus import Bus
 from common.jobs import Job
 from common.metrics import HOP_BUCKETS, entry_age_s
-from common.models import ErrorEvent, SpeechStarted, TranscriptFinal, TranscriptInterim, UserTurn
+from common.models import (
+    ErrorEvent,
+    SpeechStarted,
+    TranscriptFinal,
+    TranscriptInterim,
+    TurnSegment,
+    UserSpeech,
+    UserTurn,
+)
 from common.sessions import SessionStore
 from common.settings import Settings
 from common.worker import ClaimLoop
 from stt_service.audio_feed import AudioFeed
 from stt_service.engine import SttEngine, SttError, SttResult, SttStream
+from stt_service.turn import TRAILING_S, AudioTail, TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,7 @@ AUDIO_TO_ENGINE = Histogram(
 )
 RESULTS = Counter("stt_results_total", "Results published", ["kind"])  # interim | final | speech_started
 ENGINE_ERRORS = Counter("stt_engine_errors_total", "Speech engine errors", ["code"])
+TURN_DECISIONS = Counter("stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict"])
 
 
 class SttWorker:
@@ -52,6 +63,7 @@ class SttWorker:
         self.r = r
         self.settings = settings
         self.engine = engine
+        self.turns = TurnDetector(settings)
         self.bus = Bus(r, settings)
         self.store = SessionStore(r, self.bus)
         self.audio = AudioFeed(r)
@@ -63,11 +75,13 @@ class SttWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.engine.load()  # before claiming, so the first session does not wait for a model
+        await self.turns.load()
         try:
             await self.claims.run(stop)
         finally:
             await self.audio.aclose()
             await self.engine.aclose()
+            self.turns.close()
 
     async def serve(self, job: Job) -> None:
         """Serve one session until it ends; reopen the engine stream after a non-fatal failure."""
@@ -103,6 +117,8 @@ class _SttSession:
         # Bounded by what the engine holds un-checkpointed, itself bounded by the audio stream.
         self.positions: deque[tuple[str, float]] = deque(maxlen=worker.settings.audio_stream_maxlen * 2)
         self._last_seq: tuple[bytes, int] | None = None  # (socket id, frame number) of the last frame
+        self.tail = AudioTail()  # the turn model's input
+        self.turn = _Turn(self)
 
     async def run(self) -> None:
         pump = asyncio.create_task(self._pump_guarded())
@@ -164,7 +180,9 @@ class _SttSession:
                 t += len(pcm) / 32000
                 self.positions.append((last_id, t))
             if chunks:
-                await self.stream.send(b"".join(chunks))
+                pcm = b"".join(chunks)
+                self.tail.append(pcm, t)
+                await self.stream.send(pcm)
                 sent_since_finalize = True
                 AUDIO_FRAMES.inc(len(chunks))
                 AUDIO_TO_ENGINE.observe(entry_age_s(last_id))
@@ -188,30 +206,45 @@ class _SttSession:
 
     async def _publish_results(self) -> None:
         bus = self.w.bus
-        async for result in self.stream.results():
-            RESULTS.labels(result.kind).inc()
-            if result.kind == "speech_started":
-                await bus.publish_turn(self.sid, SpeechStarted())
-            elif result.kind == "interim":
-                await bus.publish_event(
-                    self.sid, TranscriptInterim(utterance_id=result.utterance_id, text=result.text)
-                )
-            elif result.kind == "final":
-                await self._publish_final(result)
-                await self._checkpoint(result.end_s)
-            elif result.kind == "checkpoint":
-                await self._checkpoint(result.end_s)
+        turn = self.turn
+        try:
+            async for result in self.stream.results():
+                RESULTS.labels(result.kind).inc()
+                async with turn.lock:
+                    if result.kind == "speech_started":
+                        turn.heard(speaking=True)
+                        await bus.publish_turn(self.sid, SpeechStarted())
+                    elif result.kind == "interim":
+                        turn.heard(speaking=True)
+                        await turn.interim(result)
+                    elif result.kind == "final":
+                        turn.heard(speaking=False)
+                        await turn.segment(result)
+                    elif result.kind == "checkpoint":
+                        turn.speaking = False
+                        if turn.held:
+                            turn.arm()  # noise that gave no words: the held turn's wait goes on
+                        else:
+                            await self._checkpoint(result.end_s)
+        finally:
+            turn.cancel_timer()
+        async with turn.lock:
+            await turn.flush()  # the stream ended (session over): what was said is still a turn
 
-    async def _publish_final(self, result: SttResult) -> None:
+    async def _publish_final(self, segments: list[SttResult]) -> None:
         bus = self.w.bus
+        first, text = segments[0], " ".join(r.text for r in segments)
         await bus.publish_event(
             self.sid,
             TranscriptFinal(
-                utterance_id=result.utterance_id, text=result.text,
-                start_s=round(result.start_s, 3), end_s=round(result.end_s, 3),
+                utterance_id=first.utterance_id, text=text,
+                start_s=round(first.start_s, 3), end_s=round(segments[-1].end_s, 3),
             ),
         )
-        await bus.publish_turn(self.sid, UserTurn(turn_id=result.utterance_id, text=result.text, source="voice"))
+        pieces = [TurnSegment(text=r.text, started_at=self.tail.received_at_ms(r.start_s)) for r in segments]
+        await bus.publish_turn(
+            self.sid, UserTurn(turn_id=first.utterance_id, text=text, source="voice", segments=pieces)
+        )
 
     async def _checkpoint(self, t: float) -> None:
         """Move the resume cursor to the last audio entry that ends at or before `t`."""
@@ -224,6 +257,89 @@ class _SttSession:
         await self.w.store.set_fields(
             self.sid, **{keys.F_STT_CURSOR: self.cursor, keys.F_STT_CURSOR_T: f"{self.cursor_t:.4f}"}
         )
+
+
+class _Turn:
+    """The user turn being assembled from the engine's segments (one segment per pause).
+
+    A segment's `final` is a pause, not yet a turn: the turn detector judges the words so far and
+    the audio up to the pause. Complete → one `transcript.final` + `user.turn` now. Incomplete →
+    the text so far shows as an interim and the turn waits, up to `turn_max_wait_s` of silence,
+    for the rest. The resume cursor stays before a held turn, so a takeover replays its audio and
+    the turn keeps its id (the first segment's): nothing is lost or answered twice.
+    """
+
+    def __init__(self, session: _SttSession) -> None:
+        self.s = session
+        self.held: list[SttResult] = []
+        self.speaking = False  # an utterance is in progress after the last segment
+        self.heard_at = 0.0  # monotonic time of the last onset, interim or segment
+        self.lock = asyncio.Lock()  # the results loop and the wait timer both publish
+        self._timer: asyncio.Task[None] | None = None
+
+    def heard(self, *, speaking: bool) -> None:
+        self.speaking = speaking
+        self.heard_at = time.monotonic()
+
+    def text(self, extra: str = "") -> str:
+        return " ".join(part for part in [*(r.text for r in self.held), extra] if part)
+
+    async def interim(self, result: SttResult) -> None:
+        bus, sid = self.s.w.bus, self.s.sid
+        first = self.held[0] if self.held else result
+        await bus.publish_event(sid, TranscriptInterim(utterance_id=first.utterance_id, text=self.text(result.text)))
+        started_at = self.s.tail.received_at_ms(result.start_s)
+        speech = UserSpeech(utterance_id=first.utterance_id, text=result.text, started_at=started_at)
+        await bus.publish_turn(sid, speech)
+
+    async def segment(self, result: SttResult) -> None:
+        self.held.append(result)
+        text = self.text()
+        verdict = await self.s.w.turns.decide(text, self.s.tail.until(result.end_s + TRAILING_S))
+        TURN_DECISIONS.labels("complete" if verdict.complete else "incomplete").inc()
+        if verdict.complete:
+            await self.flush()
+            return
+        # The segment's words count for barge-in (an engine may skip interims); `held` tells the
+        # avatar worker that the rest of this turn may take up to turn_max_wait_s.
+        speech = UserSpeech(utterance_id=self.held[0].utterance_id, text=result.text,
+                            started_at=self.s.tail.received_at_ms(result.start_s), held=True)
+        await self.s.w.bus.publish_turn(self.s.sid, speech)
+        log.info("turn held: words %s, audio %s", verdict.text,
+                 "-" if verdict.p_audio is None else f"{verdict.p_audio:.2f}", extra={"sid": self.s.sid})
+        await self.s.w.bus.publish_event(
+            self.s.sid, TranscriptInterim(utterance_id=self.held[0].utterance_id, text=text)
+        )
+        self.arm()
+
+    async def flush(self) -> None:
+        self.cancel_timer()
+        if not self.held:
+            return
+        held, self.held = self.held, []
+        await self.s._publish_final(held)
+        await self.s._checkpoint(held[-1].end_s)
+
+    def arm(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(self._wait())
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        self._timer = None
+
+    async def _wait(self) -> None:
+        """The most a held turn waits in silence; while the user is speaking again (words keep
+        coming) it waits on, but an onset that never gives words does not hold it."""
+        wait_s = self.s.w.settings.turn_max_wait_s
+        while True:
+            await asyncio.sleep(wait_s)
+            async with self.lock:
+                if not self.speaking or time.monotonic() - self.heard_at >= wait_s:
+                    self._timer = None
+                    await self.flush()
+                    return
 
 
 async def _get(queue: asyncio.Queue, timeout_s: float):

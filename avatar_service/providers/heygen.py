@@ -563,6 +563,15 @@ class HeyGenAvatarSession:
         if self.vendor is not None and reply.task_id is not None and (not reply.done or self._talking):
             await self._interrupt_vendor(self.vendor)
 
+    async def pause(self) -> bool:
+        return False  # the vendor's stream has no pause: barge-in interrupts once words are clear
+
+    async def resume(self) -> None:
+        return None
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        return None
+
     async def on_vendor_event(self, event: str, data: dict) -> None:
         task_id = str(data["task_id"]) if data.get("task_id") is not None else None
         reply = self._reply

@@ -458,6 +458,15 @@ class LiveAvatarSession:
         if reply.sent_any:
             self.outbox.put_now({"type": "agent.interrupt", "event_id": reply.event_id})
 
+    async def pause(self) -> bool:
+        return False  # the vendor's stream has no pause: barge-in interrupts once words are clear
+
+    async def resume(self) -> None:
+        return None
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        return None
+
     async def on_vendor_event(self, event: str, data: dict) -> None:
         return None  # LITE mode: the avatar's events come over our socket, not from the page
 

@@ -20,6 +20,8 @@ from avatar_service.tts import PiperTts
 from common.bus import Bus
 from common.models import (
     AvatarAudio,
+    AvatarPaused,
+    AvatarResumed,
     AvatarStartedTalking,
     AvatarStoppedTalking,
     SessionConfig,
@@ -58,6 +60,8 @@ class LocalAvatarSession:
         self.bus = driver.bus
         self.sid = sid
         self._interrupted: asyncio.Event | None = None
+        self._clock: _PlaybackClock | None = None
+        self._reply_id = ""
 
     async def start(self) -> None:
         await self.bus.publish_event(
@@ -79,9 +83,10 @@ class LocalAvatarSession:
         """
         rate = self.driver.tts.sample_rate
         self._interrupted = interrupted = asyncio.Event()
-        playback_ends = 0.0
+        self._clock = clock = _PlaybackClock()
+        self._reply_id = reply_id
         seq = 0
-        starts: list[tuple[float, str]] = []  # (when the page starts playing it, sentence)
+        starts: list[tuple[float, str]] = []  # (playback time it starts at, sentence)
         sentences = sentences_of(text)
         try:
             while not interrupted.is_set():
@@ -102,28 +107,47 @@ class LocalAvatarSession:
                             mouth=mouth_envelope(pcm, rate, MOUTH_HOP_MS), mouth_hop_ms=MOUTH_HOP_MS,
                         )
                         await self.bus.publish_event(self.sid, event, pcm=pcm)
-                        # The page plays chunks back to back; a late chunk starts when it arrives.
-                        begins = max(playback_ends, time.monotonic())
+                        begins = clock.queue(duration_s(pcm, rate))
                         if first:
                             starts.append((begins, sentence))
                             first = False
-                        playback_ends = begins + duration_s(pcm, rate)
                         seq += 1
                 finally:
                     await chunks.aclose()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(interrupted.wait(), max(0.0, playback_ends - time.monotonic()))
+            await clock.played(interrupted)
         finally:
             await sentences.aclose()
-        cut_at = time.monotonic() if interrupted.is_set() else float("inf")
+            self._clock = None
+        cut_at = clock.now() if interrupted.is_set() else float("inf")
         if seq:
             stopped = AvatarStoppedTalking(reply_id=reply_id, interrupted=interrupted.is_set())
             await self.bus.publish_event(self.sid, stopped)
         return " ".join(sentence for begins, sentence in starts if begins <= cut_at)
 
+    async def pause(self) -> bool:
+        """The page suspends its playback clock at once; chunks still arrive and wait there."""
+        clock = self._clock
+        if clock is None or clock.paused:
+            return clock is not None
+        clock.pause()
+        await self.bus.publish_event(self.sid, AvatarPaused(reply_id=self._reply_id))
+        return True
+
+    async def resume(self) -> None:
+        clock = self._clock
+        if clock is None or not clock.paused:
+            return
+        clock.resume()
+        await self.bus.publish_event(self.sid, AvatarResumed(reply_id=self._reply_id))
+
     async def interrupt(self) -> None:
         if self._interrupted is not None:
             self._interrupted.set()
+            if self._clock is not None:
+                self._clock.changed.set()
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        return None
 
     async def on_vendor_event(self, event: str, data: dict) -> None:
         return None
@@ -132,12 +156,65 @@ class LocalAvatarSession:
         return None
 
 
+class _PlaybackClock:
+    """Where the page's playback of this reply is, in playback seconds (wall time minus pauses).
+
+    The page plays chunks back to back (a late chunk starts when it arrives) and freezes while
+    paused, so this clock does the same: it tells when the reply has been heard to the end and
+    which sentences had started when it was cut.
+    """
+
+    def __init__(self) -> None:
+        self.ends = 0.0  # playback time at which everything queued so far has played
+        self.paused_at: float | None = None
+        self.shift = 0.0  # total time spent paused
+        self.changed = asyncio.Event()  # paused, resumed or interrupted
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    def now(self) -> float:
+        return (self.paused_at if self.paused_at is not None else time.monotonic()) - self.shift
+
+    def queue(self, seconds: float) -> float:
+        """A chunk of `seconds` joins the queue; returns the playback time it starts at."""
+        begins = max(self.ends, self.now())
+        self.ends = begins + seconds
+        return begins
+
+    def pause(self) -> None:
+        self.paused_at = time.monotonic()
+        self.changed.set()
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.shift += time.monotonic() - self.paused_at
+            self.paused_at = None
+        self.changed.set()
+
+    async def played(self, interrupted: asyncio.Event) -> None:
+        """Until everything queued has been heard, or the reply is interrupted."""
+        while not interrupted.is_set():
+            self.changed.clear()
+            left = None if self.paused else self.ends - self.now()
+            if left is not None and left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+
 async def _next_or_interrupt(chunks: AsyncIterator[T], interrupted: asyncio.Event) -> T | None:
     """The next chunk, or None when the speech is over or was interrupted (whichever is first)."""
     nxt = asyncio.ensure_future(anext(chunks))
     stop = asyncio.ensure_future(interrupted.wait())
     try:
         await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # handed over mid-reply: the generator must be idle to be closed
+        nxt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+            await nxt
+        raise
     finally:
         stop.cancel()
     if not nxt.done():

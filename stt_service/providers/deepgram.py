@@ -139,6 +139,7 @@ class _Tuning:
     replay_max_bytes: int
     open_timeout_s: float
     drain_timeout_s: float
+    finalize_timeout_s: float = 2.0
     results_maxsize: int = 1000
 
 
@@ -159,6 +160,7 @@ class DeepgramEngine:
         replay_max_s: float | None = None,
         open_timeout_s: float = 10.0,
         drain_timeout_s: float = 8.0,
+        finalize_timeout_s: float = 2.0,
     ) -> None:
         """The keyword arguments exist for tests (short timers); production uses the defaults.
 
@@ -176,6 +178,7 @@ class DeepgramEngine:
             replay_max_bytes=int((replay_max_s or settings.deepgram_replay_max_s) * BYTES_PER_S),
             open_timeout_s=open_timeout_s,
             drain_timeout_s=drain_timeout_s,
+            finalize_timeout_s=finalize_timeout_s,
         )
         self._streams: set[DeepgramStream] = set()
 
@@ -303,6 +306,7 @@ class DeepgramStream:
         self._covered_s = start_offset_s  # all audio before this is handled (last checkpoint)
         self._segments: list[_Segment] = []  # is_final pieces of the open utterance
         self._interim_open = False
+        self._last_interim: _Segment | None = None  # the open utterance's latest interim (words not final yet)
         self._last_final_end_s = start_offset_s
         self._speech_at: float | None = None  # set once speech_started was said for this utterance
         # Control.
@@ -337,6 +341,23 @@ class DeepgramStream:
         self._finalize_calls += 1
         self._finalize_pending = True
         self._wakeup.set()
+        calls = self._finalize_calls
+        asyncio.get_running_loop().call_later(self._t.finalize_timeout_s, self._finalize_unanswered, calls)
+
+    def _finalize_unanswered(self, calls: int) -> None:
+        """Deepgram may not answer a `Finalize` (nothing pending on its side, a busy socket): the
+        utterance must not stay open, so what it already said (finals, else the last interim)
+        becomes the final."""
+        if self._closing or not self._finalize_pending or calls != self._finalize_calls:
+            return
+        self._finalize_pending = False
+        if not self._segments and self._interim_open and self._last_interim is not None:
+            self._segments.append(self._last_interim)
+        if self._segments:
+            log.warning("deepgram did not answer Finalize in %.1f s: closing the utterance with what it sent",
+                        self._t.finalize_timeout_s, extra={"sid": self._sid})
+        for result in self._close_utterance(self._last_final_end_s):
+            self._results.push(result)
 
     async def close(self) -> None:
         """`CloseStream`, then wait (bounded) until Deepgram has answered everything and closed."""
@@ -654,9 +675,11 @@ class DeepgramStream:
                 start = self._segments[0].start_s if self._segments else (words[0].start_s if words else window_end)
                 text = " ".join([*(s.text for s in self._segments), transcript])
                 end = words[-1].end_s if words else window_end
+                self._last_interim = _Segment(transcript, words[0].start_s if words else window_end, end)
                 out.append(SttResult("interim", text=text, utterance_id=utterance_id(start), start_s=start, end_s=end))
             return out
         self._interim_open = False
+        self._last_interim = None
         self._last_final_end_s = max(self._last_final_end_s, window_end)
         if msg.get("from_finalize"):
             self._finalize_pending = False
@@ -694,6 +717,7 @@ class DeepgramStream:
         segments, self._segments = self._segments, []
         self._speech_at = None
         self._interim_open = False
+        self._last_interim = None
         start, end = segments[0].start_s, segments[-1].end_s
         text = " ".join(s.text for s in segments)
         final = SttResult("final", text=text, utterance_id=utterance_id(start), start_s=start, end_s=end)

@@ -54,9 +54,10 @@ VAD_CONTEXT = 64  # samples of the previous window Silero sees in front of each 
 SPEECH_THRESHOLD = 0.5  # VAD probability above which a window is speech
 SILENCE_THRESHOLD = 0.35  # ... below which it is silence (in between: keep the current state)
 MIN_SPEECH_S = 0.15  # this much speech in a row starts an utterance (clicks and pops do not)
-END_SILENCE_S = 0.4  # this much silence ends an utterance
+END_SILENCE_S = 0.4  # this much silence ends an utterance (a turn detector shortens it: settings)
 PREROLL_S = 0.2  # audio kept before the detected onset, so soft first syllables are not clipped
 INTERIM_EVERY_S = 0.7  # re-transcribe the utterance for an interim after this much new audio
+FIRST_INTERIM_S = 0.35  # ... but the first one sooner: barge-in waits for words
 MAX_UTTERANCE_S = 29.0  # force a final here: bounds memory and keeps one Whisper window per final
 CHECKPOINT_EVERY_S = 1.0  # checkpoint cadence while nothing is pending
 
@@ -266,6 +267,8 @@ class _Segmenter:
         self.end_samples = windows(end_silence_s) * VAD_WINDOW
         self.preroll_windows = windows(PREROLL_S)
         self.interim_samples = round(interim_every_s * SAMPLE_RATE)
+        self.first_interim_samples = min(self.interim_samples, round(FIRST_INTERIM_S * SAMPLE_RATE))
+        self.interims = 0  # interims asked for in this utterance
         self.checkpoint_samples = round(CHECKPOINT_EVERY_S * SAMPLE_RATE)
         self.max_samples = windows(MAX_UTTERANCE_S) * VAD_WINDOW
 
@@ -303,6 +306,7 @@ class _Segmenter:
 
     def interim_started(self) -> None:
         self.since_interim = 0
+        self.interims += 1
 
     def _idle(self, window: np.ndarray, prob: float) -> list[_Event]:
         self.recent.append(window)
@@ -322,7 +326,8 @@ class _Segmenter:
             if prob < SILENCE_THRESHOLD:
                 self.silence_start = self.index - VAD_WINDOW
                 return [_Event("silence", self.silence_start)]
-            if self.since_interim >= self.interim_samples:
+            due = self.interim_samples if self.interims else self.first_interim_samples
+            if self.since_interim >= due:
                 return [_Event("interim", self.index)]
             return []
         if prob > SPEECH_THRESHOLD:
@@ -351,6 +356,7 @@ class _Segmenter:
         self.onset_run = 0
         self.silence_start = None
         self.since_interim = 0
+        self.interims = 0
 
     def _end(self, end: int) -> _Event:
         event = _Event("end", end, self.audio(end))
@@ -655,11 +661,11 @@ class LocalSttEngine:
         self,
         settings: Settings,
         *,
-        end_silence_s: float = END_SILENCE_S,
+        end_silence_s: float | None = None,
         interim_every_s: float = INTERIM_EVERY_S,
     ) -> None:
         self.settings = settings
-        self.end_silence_s = end_silence_s
+        self.end_silence_s = settings.local_end_silence_s() if end_silence_s is None else end_silence_s
         self.interim_every_s = interim_every_s
         self.whisper = _Whisper(settings)
         self.dropped_s = 0.0  # audio dropped because sessions fell behind, all sessions together

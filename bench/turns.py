@@ -1,0 +1,271 @@
+"""Turn-taking in a real room: pauses, backchannels, noise and the avatar's own voice in the mic.
+
+Starts its own Redis, gateway, STT worker and avatar worker (local providers, real processes) and
+talks to them through the real WebSocket like a page next to a loudspeaker: one microphone stream
+of 20 ms frames at real-time pace, into which it mixes the user's speech (espeak-ng), noise
+bursts, and the avatar's voice as it is "played" (the audio the page receives, played back to back,
+frozen while the avatar is paused, cut on barge-in) at `--echo-db` after `--echo-ms`.
+
+Scenarios (36 by default) and what each counts:
+
+- `plain` (10): a complete question → end of speech → first avatar audio; >1 turn = premature.
+- `paused` (8): a question with a 0.5-1.2 s pause mid-sentence → premature if it becomes 2 turns.
+- `backchannel` (5) / `noise` (5): said or heard over the avatar → false barge-in if it stops the
+  reply (a pause that resumes is counted apart).
+- `barge_in` (5): a real question over the avatar → missed if it is not quiet within 2 s; time
+  from the user's voice onset to quiet.
+- `echo` (3 levels, one delay each, + the echo in every other scenario): the avatar answers, the
+  user says nothing more → self-interruptions (its reply stopped) and self-answers (a turn made of
+  its own words answered).
+
+    .venv/bin/python -m bench.turns [--echo-db -10 --echo-ms 120] [--json out.json]
+
+`BENCH_SERVICE_PYTHONPATH` runs the services from another checkout (the "before" numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from avatar_stack.up import free_port, redis_binary, start_redis
+from bench.measure import pct
+from common.pcm import SAMPLE_RATE
+from tests.client import create_session
+from tests.room import Room, noise, said, since, speech
+
+TRIGGER = "Tell me about the avatar providers."  # a long answer (~10 s) to talk over
+
+PLAIN = [
+    "What is avatar stack?", "How do I scale it?", "Which speech engines does it use?",
+    "Can it run without any keys?", "Does it work offline?", "Who are you?", "What can you do?",
+    "How does avatar stack work?", "Which avatar providers are supported?", "How many people can use it at once?",
+]
+PAUSED = [
+    ("So I was wondering", 0.9, "how many people can talk to one speech worker at the same time?"),
+    ("Can you tell me", 0.6, "what avatar stack is?"),
+    ("What happens when", 1.2, "a worker crashes?"),
+    ("I would like to know", 0.8, "how I can scale it?"),
+    ("How does the", 0.5, "avatar know what to say?"),
+    ("Is it possible to", 1.0, "run it without any keys?"),
+    ("Tell me about the", 0.7, "speech engines."),
+    ("Which providers", 1.1, "does it support for the avatar?"),
+]
+BACKCHANNELS = ["Mhm.", "Yeah.", "Right.", "Okay.", "Uh huh."]
+NOISES = ["white", "thump", "keys", "cough", "white"]
+BARGE_INS = [
+    "Wait, how do I scale it?", "Stop, what is avatar stack?", "Sorry, can it run offline?",
+    "Hold on, who are you?", "Excuse me, which speech engines does it use?",
+]
+ECHO_LEVELS = [(-6.0, 250), (-10.0, 120), (-15.0, 60)]
+
+
+async def run_scenarios(base_url: str, echo_db: float, echo_ms: int, only: set[str] | None) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    results: dict[str, list[dict[str, Any]]] = {}
+    rooms: list[Room] = []
+
+    async def session(gain_db: float | None, delay_ms: int) -> tuple[Room, asyncio.Event, asyncio.Task]:
+        room = Room(await create_session(base_url), 0.0 if gain_db is None else 10 ** (gain_db / 20), delay_ms)
+        stop = asyncio.Event()
+        task = asyncio.create_task(room.run(stop))
+        if await room.wait(lambda e: e["type"] == "session.ready", 120) is None:
+            raise SystemExit("session did not start")
+        await asyncio.sleep(0.5)
+        return room, stop, task
+
+    async def close(stop: asyncio.Event, task: asyncio.Task) -> None:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+    def want(kind: str) -> bool:
+        return only is None or kind in only
+
+    async def ask(room: Room, text: str) -> tuple[int, float]:
+        mark = len(room.events)
+        end = await said(room, speech(text))
+        return mark, end
+
+    async def answered_turn(room: Room, mark: int, timeout_s: float = 20) -> dict[str, Any] | None:
+        return await room.wait(lambda e: e in room.events[mark:] and e["type"] == "avatar.audio", timeout_s)
+
+    room, stop, task = await session(echo_db, echo_ms)
+    rooms.append(room)
+    try:
+        if want("plain"):
+            for text in PLAIN:
+                mark, end = await ask(room, text)
+                audio = await answered_turn(room, mark)
+                await room.quiet()
+                turns = {e["turn_id"] for e in since(room, mark, "avatar.reply")}
+                results.setdefault("plain", []).append({
+                    "text": text, "first_audio_s": None if audio is None else audio["_rx"] - end,
+                    "turns": len(turns), "interrupted": sum(e.get("interrupted", False)
+                                                             for e in since(room, mark, "avatar.stopped_talking")),
+                })
+                print(f"  plain {text!r}: {results['plain'][-1]}", file=sys.stderr)
+        if want("paused"):
+            for head, gap, rest in PAUSED:
+                mark = len(room.events)
+                pause = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+                end = await said(room, np.concatenate([speech(head), pause, speech(rest)]))
+                audio = await answered_turn(room, mark)
+                await room.quiet()
+                turns = {e["turn_id"] for e in since(room, mark, "avatar.reply")}
+                early = [e for e in since(room, mark, "avatar.reply") if e["_rx"] < end]
+                results.setdefault("paused", []).append({
+                    "text": f"{head} … {rest}", "pause_s": gap, "turns": len(turns),
+                    "premature": bool(early) or len(turns) > 1,
+                    "first_audio_s": None if audio is None else audio["_rx"] - end,
+                })
+                print(f"  paused {head!r}+{gap}s: {results['paused'][-1]}", file=sys.stderr)
+        for kind, items in (("backchannel", BACKCHANNELS), ("noise", NOISES), ("barge_in", BARGE_INS)):
+            if not want(kind):
+                continue
+            for item in items:
+                mark, _ = await ask(room, TRIGGER)
+                started = await room.wait(
+                    lambda e, m=mark: e in room.events[m:] and e["type"] == "avatar.started_talking", 20)
+                if started is None:
+                    results.setdefault(kind, []).append({"item": item, "error": "no reply"})
+                    continue
+                await asyncio.sleep(2.0)  # well into the reply
+                over = len(room.events)
+                onset = time.monotonic()
+                audio = speech(item) if kind != "noise" else noise(item, rng)
+                await said(room, audio)
+                quiet = await room.wait(
+                    lambda e, m=over: e in room.events[m:] and (
+                        e["type"] == "avatar.paused"
+                        or (e["type"] == "avatar.stopped_talking" and e.get("interrupted"))), 3.0)
+                await room.quiet()
+                stopped = any(e.get("interrupted") for e in since(room, over, "avatar.stopped_talking"))
+                paused = bool(since(room, over, "avatar.paused"))
+                row = {"item": item, "stopped": stopped, "paused": paused,
+                       "quiet_after_s": None if quiet is None else quiet["_rx"] - onset,
+                       "turns_after": len({e["turn_id"] for e in since(room, over, "avatar.reply")})}
+                results.setdefault(kind, []).append(row)
+                print(f"  {kind} {item!r}: {row}", file=sys.stderr)
+    finally:
+        await close(stop, task)
+    if want("echo"):
+        for gain_db, delay_ms in ECHO_LEVELS:
+            room, stop, task = await session(gain_db, delay_ms)
+            rooms.append(room)
+            try:
+                mark, _ = await ask(room, TRIGGER)
+                await answered_turn(room, mark)
+                await room.quiet(40)
+                await asyncio.sleep(2.0)
+                replies = {e["turn_id"] for e in since(room, mark, "avatar.reply")}
+                row = {"echo_db": gain_db, "echo_ms": delay_ms,
+                       "self_interruptions": sum(e.get("interrupted", False)
+                                                 for e in since(room, mark, "avatar.stopped_talking")),
+                       "self_answers": max(0, len(replies) - 1),
+                       "ignored_as_echo": sum(
+                           e.get("reason") == "echo" for e in since(room, mark, "transcript.ignored"))}
+                results.setdefault("echo", []).append(row)
+                print(f"  echo {gain_db} dB {delay_ms} ms: {row}", file=sys.stderr)
+            finally:
+                await close(stop, task)
+    out = summarize(results)
+    out["events"] = [[_brief(e) for e in r.events if e["type"] != "avatar.audio"] for r in rooms]
+    return out
+
+
+def _brief(event: dict[str, Any]) -> str:
+    keys = ("utterance_id", "turn_id", "reply_id", "reason", "interrupted", "text")
+    return f"{event['_rx']:.2f} {event['type']} " + " ".join(f"{k}={event[k]!r}" for k in keys if k in event)
+
+
+def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    def rate(rows: list[dict[str, Any]], key: str) -> str:
+        return f"{sum(bool(r.get(key)) for r in rows)}/{len(rows)}" if rows else "-"
+
+    plain, paused = results.get("plain", []), results.get("paused", [])
+    latency = [r["first_audio_s"] for r in plain if r.get("first_audio_s") is not None and r["turns"] == 1]
+    over = results.get("backchannel", []) + results.get("noise", [])
+    barge = results.get("barge_in", [])
+    quiet = [r["quiet_after_s"] for r in barge if r.get("quiet_after_s") is not None]
+    echo_rooms = results.get("echo", [])
+    self_answers = sum(r["self_answers"] for r in echo_rooms) + sum(max(0, r["turns"] - 1) for r in plain)
+    self_interrupt = sum(r["self_interruptions"] for r in echo_rooms) + sum(r.get("interrupted", 0) for r in plain)
+    summary = {
+        "utterances": sum(len(v) for v in results.values()),
+        "premature_turns": rate(paused, "premature"),
+        "false_barge_ins": rate(over, "stopped"),
+        "false_pauses_resumed": f"{sum(bool(r.get('paused')) and not r.get('stopped') for r in over)}/{len(over)}",
+        "missed_barge_ins": f"{sum(r.get('quiet_after_s') is None or r['quiet_after_s'] > 2.0 for r in barge)}"
+                            f"/{len(barge)}",
+        "barge_in_quiet_s": {"median": statistics.median(quiet) if quiet else None,
+                             "p95": pct(quiet, 0.95) if quiet else None},
+        "self_interruptions": self_interrupt,
+        "self_answers": self_answers,
+        "end_of_speech_to_first_audio_s": {
+            "median": statistics.median(latency) if latency else None, "p95": pct(latency, 0.95) if latency else None,
+            "n": len(latency),
+        },
+    }
+    return {"summary": summary, "rows": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--echo-db", type=float, default=-10.0, help="avatar voice back into the mic (dB)")
+    parser.add_argument("--echo-ms", type=int, default=120, help="... after this delay")
+    parser.add_argument("--no-echo", action="store_true", help="a headset: no avatar voice in the mic")
+    parser.add_argument("--only", default="", help="comma-separated scenario kinds")
+    parser.add_argument("--json", default="", help="write the summary and rows here")
+    args = parser.parse_args()
+    port, redis_port = free_port(), free_port()
+    redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
+           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+           "SESSION_CREATE_RATE_PER_MIN": "0", "SESSION_IDLE_TIMEOUT_S": "3600"}
+    if os.environ.get("BENCH_SERVICE_PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["BENCH_SERVICE_PYTHONPATH"]
+    procs = [subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env)
+             for name in ("gateway", "stt-worker", "avatar-worker")]
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("gateway did not start")
+            time.sleep(0.1)
+        only = {k.strip() for k in args.only.split(",") if k.strip()} or None
+        out = asyncio.run(run_scenarios(base_url, None if args.no_echo else args.echo_db, args.echo_ms, only))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(15)
+        redis_proc.terminate()
+    print(json.dumps(out["summary"], indent=2))
+    if os.environ.get("BENCH_EVENTS"):
+        with open(os.environ["BENCH_EVENTS"], "w") as f:
+            for i, events in enumerate(out.pop("events")):
+                f.write(f"# room {i}\n" + "\n".join(events) + "\n")
+    out.pop("events", None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

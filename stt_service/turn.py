@@ -1,0 +1,224 @@
+"""Semantic end of turn: has the user finished, or only paused mid-sentence?
+
+A fixed silence cannot tell "So I was wondering … how many people can talk at once" from two
+turns. Two signals decide instead, at each pause the engine reports (a segment `final`):
+
+- **Audio**: Smart Turn v3.2 (Pipecat's BSD-2 ONNX model, shipped inside the `pipecat-ai` wheel
+  and read from the installed package, never downloaded): prosody of the last 8 s of the turn →
+  P(complete). It runs on CPU in ~0.1 s on one thread of this executor, off the event loop.
+- **Words**: the transcript so far. A turn that ends on a connective, an article, a filler or a
+  phrase that announces more ("I was wondering", "tell me about the") is incomplete whatever the
+  audio says; one that ends in a question mark is complete. Synthetic or flat speech fools the
+  audio model, text rarely lies about a dangling "and".
+
+The verdict is "complete" (answer now) or "incomplete" (wait for more speech, at most
+`turn_max_wait_s`, then answer anyway). When the model is slow (an overloaded worker) or missing,
+the words alone decide, so a turn is never held back by the detector itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from common.pcm import SAMPLE_RATE, pcm16_to_float
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MODEL_PACKAGE = "pipecat-ai"
+MODEL_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+WINDOW_S = 8  # the model sees the last 8 s of the turn, zero-padded in front
+TRAILING_S = 0.2  # silence after the last word the model expects to hear
+MODEL_TIMEOUT_S = 0.5  # a busier worker decides from the words alone rather than wait
+
+TextVerdict = Literal["incomplete", "complete", "weak_complete", "unknown"]
+
+# English words after which a sentence almost never ends. Other languages use punctuation + audio.
+_DANGLING = frozenset(
+    """and or but so because cause the a an to of for with about in on at from by as if when while
+    that which who whose what how why where whether is are was were am be been can could would
+    should will shall do does did has have had my your our their his her its this these those
+    like um uh er erm hmm than then into onto some any every each very really just also i we you
+    me us them he she they it's i'm i'd we're you're there's let's not no between against
+    through during before after until since unless although though whereas""".split()
+)
+# Phrases that announce the rest of the sentence when they end the text without a question mark.
+_ANNOUNCING = (
+    "i was wondering", "i wonder", "wondering", "i'd like to know", "i would like to know",
+    "i want to know", "i wanted to know", "i'd like to ask", "i want to ask", "let me ask",
+    "my question is", "tell me", "can you tell me", "could you tell me", "do you know",
+    "the thing is", "what i mean is", "i mean",
+)
+_WORD = re.compile(r"[\w']+")
+
+
+def text_verdict(text: str) -> TextVerdict:
+    """What the words alone say about whether `text` is a finished turn."""
+    stripped = text.strip()
+    if not stripped:
+        return "unknown"
+    if stripped.endswith(("...", "…", ",", "-", "—", ";", ":")):
+        return "incomplete"
+    words = _WORD.findall(stripped.lower())
+    if not words:
+        return "unknown"
+    tail = " ".join(words[-6:])
+    if any(tail == p or tail.endswith(" " + p) for p in _ANNOUNCING):
+        return "incomplete"  # "Can you tell me?" still announces what the user wants to know
+    if stripped.endswith("?"):
+        return "complete"
+    if words[-1] in _DANGLING:
+        return "incomplete"
+    if stripped.endswith((".", "!")):
+        return "weak_complete"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    complete: bool
+    p_audio: float | None  # None: the audio model did not answer (absent, slow, failed)
+    text: TextVerdict
+
+
+def combine(text: TextVerdict, p_audio: float | None, threshold: float) -> bool:
+    """Words first where they are sure; the audio decides where they are not."""
+    if text == "incomplete":
+        return False
+    if text == "complete":
+        return True
+    if p_audio is None:  # no audio opinion: finish unless the words said otherwise
+        return True
+    if text == "weak_complete":  # "... the same time." — the audio may still veto a clear rise
+        return p_audio >= threshold / 4
+    return p_audio >= threshold
+
+
+def model_path(settings: Settings) -> Path | None:
+    """The Smart Turn ONNX file: `TURN_MODEL_FILE`, else the one inside the installed pipecat-ai wheel."""
+    if settings.turn_model_file:
+        return Path(settings.turn_model_file).expanduser()
+    try:
+        path = Path(str(distribution(MODEL_PACKAGE).locate_file(MODEL_FILE)))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+class TurnDetector:
+    """One per worker: the ONNX session on a single thread of its own (finals never queue behind
+    Whisper), whatever number of sessions ask."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.enabled = settings.turn_detection == "smart"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn-model")
+        self._session: object | None = None
+        self._features: object | None = None
+        self._loaded = False
+
+    async def load(self) -> None:
+        """Load the model once, before the first session (a missing model is a warning, not fatal)."""
+        if self._loaded or not self.enabled:
+            return
+        self._loaded = True
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        path = model_path(self.settings)
+        if path is None or not path.is_file():
+            log.warning("no Smart Turn model (install pipecat-ai or set TURN_MODEL_FILE): turns end on words alone")
+            return
+        import onnxruntime as ort
+        from faster_whisper.feature_extractor import FeatureExtractor
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        # Whisper's log-mel front end with an 8 s window is exactly the model's input contract.
+        self._features = FeatureExtractor(feature_size=80, sampling_rate=SAMPLE_RATE, chunk_length=WINDOW_S)
+        self._probability(np.zeros(SAMPLE_RATE, dtype=np.float32))  # warm the kernels up
+        log.info("turn model loaded from %s", path)
+
+    async def decide(self, text: str, audio: np.ndarray | None) -> Verdict:
+        verdict = text_verdict(text)
+        if not self.enabled:
+            return Verdict(True, None, verdict)
+        p_audio = None
+        if verdict not in ("incomplete", "complete") and audio is not None and self._session is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                p_audio = await asyncio.wait_for(
+                    loop.run_in_executor(self._executor, self._probability, audio), MODEL_TIMEOUT_S
+                )
+            except TimeoutError:
+                log.warning("turn model slower than %.1f s: deciding from the words", MODEL_TIMEOUT_S)
+        return Verdict(combine(verdict, p_audio, self.settings.turn_complete_threshold), p_audio, verdict)
+
+    def _probability(self, audio: np.ndarray) -> float:
+        """P(turn complete) for 16 kHz float audio ending where the user stopped (plus a little silence)."""
+        n = WINDOW_S * SAMPLE_RATE
+        audio = audio[-n:]
+        window = np.zeros(n, dtype=np.float32)
+        window[n - len(audio):] = audio
+        window = (window - window.mean()) / np.sqrt(window.var() + 1e-7)
+        features = self._features(window, padding=0)  # type: ignore[operator]  # (80, 800)
+        out = self._session.run(None, {"input_features": features[None].astype(np.float32)})  # type: ignore[attr-defined]
+        return float(np.asarray(out[0]).reshape(-1)[0])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class AudioTail:
+    """The last few seconds of a session's audio, by session time, for the turn model.
+
+    Bounded: `keep_s` of PCM (plus one chunk) is held; older chunks are dropped as new ones come.
+    """
+
+    def __init__(self, keep_s: float = WINDOW_S + 1.0) -> None:
+        self.keep = int(keep_s * SAMPLE_RATE) * 2
+        self.chunks: deque[bytes] = deque()
+        self.nbytes = 0
+        self.end_s = 0.0  # session time at the end of what is held
+        self.arrivals: deque[tuple[float, float]] = deque(maxlen=2048)  # (session end_s, unix time received)
+
+    def append(self, pcm: bytes, end_s: float) -> None:
+        self.chunks.append(pcm)
+        self.nbytes += len(pcm)
+        self.end_s = end_s
+        self.arrivals.append((end_s, time.time()))
+        while self.nbytes - len(self.chunks[0]) >= self.keep and len(self.chunks) > 1:
+            self.nbytes -= len(self.chunks.popleft())
+
+    def received_at_ms(self, t: float) -> int:
+        """Unix ms when session audio time `t` reached this worker: audio comes in real time, so
+        that is about when it was spoken (the avatar worker tells echo from speech with it)."""
+        for end_s, wall in reversed(self.arrivals):
+            if end_s <= t:
+                return round((wall + (t - end_s)) * 1000)
+        if self.arrivals:
+            end_s, wall = self.arrivals[0]
+            return round((wall - (end_s - t)) * 1000)
+        return round(time.time() * 1000)
+
+    def until(self, end_s: float) -> np.ndarray:
+        """Audio up to session time `end_s` (as much of the last `keep_s` as is held)."""
+        pcm = b"".join(self.chunks)
+        cut = max(0, round((self.end_s - end_s) * SAMPLE_RATE) * 2)
+        if cut:
+            pcm = pcm[: max(0, len(pcm) - cut)]
+        return pcm16_to_float(pcm[-self.keep:])

@@ -1,0 +1,127 @@
+"""Turn detection and the barge-in policy as units: words, the Smart Turn model, echo, backchannels."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from avatar_service.turn_policy import Backchannels, EchoGuard, TurnPolicy
+from common.pcm import SAMPLE_RATE
+from common.settings import Settings
+from stt_service.turn import AudioTail, TurnDetector, combine, model_path, text_verdict
+from tests.speech import speech_available, speech_pcm
+
+
+def settings(**kw) -> Settings:
+    return Settings(_env_file=None, **kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "verdict"),
+    [
+        ("How many people can talk to one worker at the same time?", "complete"),
+        ("So I was wondering", "incomplete"),
+        ("So I was wondering...", "incomplete"),
+        ("Can you tell me?", "incomplete"),  # Whisper's question mark; the question is still to come
+        ("What happens when", "incomplete"),
+        ("I would like to know", "incomplete"),
+        ("Tell me about the", "incomplete"),
+        ("I need the pricing and,", "incomplete"),
+        ("Um", "incomplete"),
+        ("That's all, thanks.", "weak_complete"),
+        ("Redis streams", "unknown"),
+        ("", "unknown"),
+    ],
+)
+def test_words_say_whether_a_turn_is_finished(text: str, verdict: str):
+    assert text_verdict(text) == verdict
+
+
+def test_words_decide_where_sure_and_the_audio_where_not():
+    assert combine("incomplete", 0.99, 0.5) is False  # a dangling "and" is never the end
+    assert combine("complete", 0.01, 0.5) is True
+    assert combine("unknown", 0.7, 0.5) is True and combine("unknown", 0.3, 0.5) is False
+    assert combine("weak_complete", 0.2, 0.5) is True and combine("weak_complete", 0.05, 0.5) is False
+    assert combine("unknown", None, 0.5) is True  # no model answer: never held by the detector itself
+
+
+def test_the_turn_model_ships_inside_an_installed_package():
+    path = model_path(settings())
+    assert path is not None and path.is_file() and path.suffix == ".onnx", "pip install --no-deps pipecat-ai"
+    assert path.stat().st_size > 1_000_000
+
+
+@pytest.mark.skipif(not speech_available(), reason="needs espeak-ng and sox")
+async def test_the_turn_model_scores_real_speech():
+    detector = TurnDetector(settings())
+    try:
+        await detector.load()
+        audio = np.frombuffer(speech_pcm("Can I have a cup of coffee please", pad_s=0.2), dtype="<i2")
+        audio = audio.astype(np.float32) / 32768
+        verdict = await detector.decide("Can I have a cup of coffee please", audio)
+        assert verdict.text == "unknown" and verdict.p_audio is not None and 0.0 <= verdict.p_audio <= 1.0
+        assert verdict.complete == (verdict.p_audio >= 0.5)
+        sure = await detector.decide("What is Redis?", audio)
+        assert sure.complete and sure.p_audio is None  # the words were enough: no model call
+    finally:
+        detector.close()
+
+
+async def test_silence_mode_ends_every_turn_at_the_pause():
+    detector = TurnDetector(settings(turn_detection="silence"))
+    await detector.load()
+    assert (await detector.decide("So I was wondering", None)).complete
+    detector.close()
+
+
+def test_audio_tail_is_bounded_and_maps_session_time_to_arrival():
+    tail = AudioTail(keep_s=1.0)
+    t = 0.0
+    for _ in range(200):  # 4 s of 20 ms frames
+        t += 0.02
+        tail.append(b"\x01\x00" * 320, t)
+    assert tail.nbytes <= 1.0 * SAMPLE_RATE * 2 + 640
+    assert len(tail.until(t)) <= SAMPLE_RATE + 320
+    assert len(tail.until(t - 0.5)) == len(tail.until(t)) - SAMPLE_RATE // 2
+    now_ms = time.time() * 1000
+    assert abs(tail.received_at_ms(t) - now_ms) < 1000
+
+
+def test_backchannels_per_language():
+    en = Backchannels(settings(), "en-US")
+    assert en.match("Mhm.") and en.match("yeah yeah") and en.match("Oh, okay.") and en.match("I see")
+    assert not en.match("Wait, how do I scale it?") and not en.match("")
+    de = Backchannels(settings(), "de")
+    assert de.match("Ja, genau.") and not de.match("Wie skaliere ich das?")
+    custom = Backchannels(settings(backchannels={"en": "roger, copy that"}), "en")
+    assert custom.match("Copy that.") and not custom.match("yeah")
+
+
+def test_echo_is_the_avatars_own_words_heard_while_it_could_be_heard():
+    guard = EchoGuard(settings())
+    guard.reply_started()
+    guard.reply_text("Scale each service on its own. Run more speech to text workers")
+    during = int(time.time() * 1000)
+    assert guard.match("run more speech to text workers", during)
+    assert guard.match("Scale each service on its", during)
+    assert not guard.match("What is the price?", during)
+    guard.reply_ended()
+    later = int((time.time() + 2.0) * 1000)  # the user repeats its words after it stopped
+    assert not guard.match("How do I scale each service?", later)
+    assert guard.match("speech to text workers", during)  # began while it talked: still echo
+    assert not EchoGuard(settings(echo_guard=False)).match("anything", during)
+
+
+def test_policy_judges_interims_and_finals():
+    policy = TurnPolicy(settings(), "en")
+    policy.echo.reply_started()
+    policy.echo.reply_text("The local voice is piper and the face is drawn in the page.")
+    now = int(time.time() * 1000)
+    assert policy.judge("the face is drawn in the page", avatar_talking=True, started_at=now) == "echo"
+    assert policy.judge("Mhm.", avatar_talking=True, started_at=now) == "backchannel"
+    assert policy.judge("Mhm.", avatar_talking=False) == "words"  # an answer when the avatar is quiet
+    assert policy.judge("Stop", avatar_talking=True, started_at=now, interim=True) == "nothing"  # 1 word
+    assert policy.judge("Stop", avatar_talking=True, started_at=now) == "words"  # ... but a final counts
+    assert policy.judge("wait how do I scale it", avatar_talking=True, started_at=now, interim=True) == "words"
