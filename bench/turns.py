@@ -232,9 +232,10 @@ def main() -> None:
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
            "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
            "SESSION_CREATE_RATE_PER_MIN": "0", "SESSION_IDLE_TIMEOUT_S": "3600"}
-    if os.environ.get("BENCH_SERVICE_PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["BENCH_SERVICE_PYTHONPATH"]
-    procs = [subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env)
+    checkout = os.environ.get("BENCH_SERVICE_PYTHONPATH") or None  # `-m` imports from the cwd first
+    if checkout:
+        env["PYTHONPATH"] = checkout
+    procs = [subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env, cwd=checkout)
              for name in ("gateway", "stt-worker", "avatar-worker")]
     base_url = f"http://127.0.0.1:{port}"
     try:

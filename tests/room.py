@@ -104,8 +104,7 @@ class Room:
         self.ws: Any = None
         self.events: list[dict[str, Any]] = []
         self.playback = Playback()
-        self.user: list[np.ndarray] = []  # samples still to say, frame by frame
-        self.user_active = False  # the user's voice is in the frame being sent
+        self.user: list[np.ndarray] = []  # PCM16 still to say, frame by frame
         self.said = asyncio.Event()  # set when the last queued user frame has been sent
         self.changed = asyncio.Event()
         self._pending_audio: dict[str, Any] | None = None
@@ -119,27 +118,32 @@ class Room:
             reader.cancel()
             await self.ws.close()
 
-    def say(self, audio: np.ndarray) -> None:
+    def say(self, audio: np.ndarray | bytes) -> None:
+        """Queue speech: float samples, or PCM16 bytes sent exactly as they are while no echo
+        overlaps them (the Deepgram fake spells words in the samples)."""
+        pcm = np.frombuffer(audio, dtype="<i2") if isinstance(audio, bytes) else (
+            np.clip(audio, -1, 1) * 32767).astype("<i2")
         self.said.clear()
-        self.user.extend(np.array_split(audio, max(1, int(np.ceil(len(audio) / FRAME)))))
+        self.user.extend(np.array_split(pcm, max(1, int(np.ceil(len(pcm) / FRAME)))))
 
     async def _mic(self, stop: asyncio.Event) -> None:
         start, sent = time.monotonic(), 0
+        silence = np.zeros(FRAME, dtype="<i2")
         while not stop.is_set():
-            played = self.playback.tick()
+            self.playback.tick()
             lag = len(self.playback.played) - 1 - self.echo_frames
-            frame = self.echo_gain * self.playback.played[lag] if lag >= 0 else np.zeros(FRAME, np.float32)
+            echo = self.echo_gain * self.playback.played[lag] if lag >= 0 else None
             if len(self.playback.played) > 200:
                 del self.playback.played[:100]
-            if self.user:
-                voice = self.user.pop(0)
-                frame = frame.copy()
-                frame[: len(voice)] += voice
-                self.user_active = bool(np.abs(voice).max() > 0.01)
+            voice = self.user.pop(0) if self.user else silence
+            if echo is None or not echo.any():
+                frame = np.zeros(FRAME, dtype="<i2")
+                frame[: len(voice)] = voice
             else:
-                self.user_active = False
-            del played
-            await self.ws.send((np.clip(frame, -1, 1) * 32767).astype("<i2").tobytes())
+                mixed = echo.copy()
+                mixed[: len(voice)] += voice.astype(np.float32) / 32767
+                frame = (np.clip(mixed, -1, 1) * 32767).astype("<i2")
+            await self.ws.send(frame.tobytes())
             if not self.user:
                 self.said.set()
             sent += 1
@@ -210,7 +214,7 @@ class Room:
         return bool(started - stopped)
 
 
-async def said(room: Room, audio: np.ndarray) -> float:
+async def said(room: Room, audio: np.ndarray | bytes) -> float:
     """Say `audio` into the room; returns the monotonic time its last frame was sent."""
     room.say(audio)
     await room.said.wait()

@@ -26,6 +26,13 @@ an empty final every `silence_final_s`. Because words come from the audio, resen
 on a new socket yields the same words at the same audio times, as a real recognizer would, which
 is what reconnect tests need.
 
+Real sound (anything with samples below -2, which word bursts never have: noise, the avatar's own
+voice leaking into the microphone) is "foreign": like Deepgram's VAD, the fake answers its onset
+with `SpeechStarted` whatever it is, and transcribes it only as far as a test scripted it with
+`hear_foreign("words it says")`: one scripted word per `foreign_word_s` of loud audio, as interims
+and finals like any other words. Unscripted foreign sound (a cough, a door) gives `SpeechStarted`
+and no words, as the real service does for non-speech. `Speech().noise(s)` makes such a burst.
+
 Records for assertions: `handshakes` (every upgrade attempt, accepted or not) and `connections`
 (query, every frame in order: `int` byte counts for audio, `str` types for text messages, what was
 sent back, how it closed). `drop_next()` makes the next connection fail mid-stream, after N bytes
@@ -59,6 +66,8 @@ from websockets.http11 import Request, Response
 SAMPLE_RATE = 16_000
 BYTES_PER_S = SAMPLE_RATE * 2
 WORD_END = -1  # sample value that ends a word's spelling inside its burst
+FOREIGN_BELOW = -2  # a sample below this is real sound, never a spelled word
+FOREIGN_LOUD = 300  # RMS (PCM16) of a 20 ms frame of foreign sound that counts as voiced
 ENCODINGS = {"linear16", "linear32", "flac", "alaw", "mulaw", "amr-nb", "amr-wb", "opus", "ogg-opus", "speex", "g729"}
 BOOLEAN_PARAMS = {
     "interim_results", "vad_events", "smart_format", "punctuate", "multichannel", "diarize", "dictation",
@@ -110,6 +119,13 @@ class Speech:
 
     def pause(self, seconds: float) -> Speech:
         self._append(np.zeros(round(seconds * SAMPLE_RATE), dtype="<i2"))
+        self._after_word = False
+        return self
+
+    def noise(self, seconds: float, *, seed: int = 0) -> Speech:
+        """A burst of non-speech sound (a cough, a door): `SpeechStarted` and no words."""
+        rng = np.random.default_rng(seed)
+        self._append(np.clip(rng.normal(0, 4000, round(seconds * SAMPLE_RATE)), -32768, 32767).astype("<i2"))
         self._after_word = False
         return self
 
@@ -208,7 +224,10 @@ class _Recognizer:
     def __init__(
         self, query: dict[str, list[str]], request_id: str, *,
         words_per_final: int, speech_final: bool, silence_final_s: float | None,
+        foreign: deque[str] | None = None, foreign_word_s: float = 0.3,
     ) -> None:
+        self.foreign = foreign if foreign is not None else deque()
+        self.foreign_word_s = foreign_word_s
         self.request_id = request_id
         self.words_per_final = words_per_final
         self.speech_final = speech_final
@@ -242,6 +261,10 @@ class _Recognizer:
         out: list[dict[str, Any]] = []
         if not len(samples):
             return out
+        if (samples < FOREIGN_BELOW).any():
+            self._feed_foreign(samples, out)
+            self.samples += len(samples)
+            return out
         voiced = samples != 0
         edges = (np.flatnonzero(voiced[1:] != voiced[:-1]) + 1).tolist()
         for lo, hi in zip([0, *edges], [*edges, len(samples)], strict=True):
@@ -258,6 +281,29 @@ class _Recognizer:
                 self._advance(t1, out)
         self.samples += len(samples)
         return out
+
+    def _feed_foreign(self, samples: np.ndarray, out: list[dict[str, Any]]) -> None:
+        """Real sound, 20 ms at a time: loud frames are voice (scripted words) or noise (none)."""
+        frame = SAMPLE_RATE // 50
+        for lo in range(0, len(samples), frame):
+            chunk = samples[lo:lo + frame].astype(np.float32)
+            t0 = (self.samples + lo) / SAMPLE_RATE
+            t1 = t0 + len(chunk) / SAMPLE_RATE
+            loud = float(np.sqrt(np.mean(chunk**2))) > FOREIGN_LOUD
+            if loud:
+                if not self.in_word:
+                    self._advance(t0, out)
+                    self._start_word(t0, out)
+                    word = self.foreign.popleft() if self.foreign else None
+                    self.code = [ord(c) for c in word] + [WORD_END] if word else [0]
+                elif self.code != [0] and t1 - self.word_start >= self.foreign_word_s:
+                    self._end_word(t1, out)  # a scripted word per foreign_word_s of voice
+            elif self.in_word:
+                if self.code == [0]:  # noise ends: no word was heard
+                    self.in_word, self.last_word_end = False, t0
+                else:
+                    self._end_word(t0, out)
+            self._advance(t1, out)
 
     def finalize(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -429,6 +475,7 @@ class FakeDeepgram:
         self.silence_final_s = silence_final_s
         self.handshakes: list[Handshake] = []
         self.connections: list[FakeConnection] = []
+        self.foreign: deque[str] = deque(maxlen=10_000)  # words real sound will be heard as (scripted)
         self._drops: deque[_Drop] = deque()
         self._rejections: deque[int] = deque()
         self._changed = asyncio.Event()
@@ -454,6 +501,10 @@ class FakeDeepgram:
             await self._server.wait_closed()
 
     # scripting
+
+    def hear_foreign(self, text: str) -> None:
+        """Real sound from now on says these words (e.g. the avatar's voice coming back)."""
+        self.foreign.extend(text.split())
 
     def drop_next(
         self, *, after_bytes: int | None = None, at_control: str | None = None,
@@ -539,7 +590,7 @@ class FakeDeepgram:
         drop = self._drops.popleft() if self._drops else None
         recognizer = _Recognizer(
             conn.query, conn.request_id, words_per_final=self.words_per_final,
-            speech_final=self.speech_final, silence_final_s=self.silence_final_s,
+            speech_final=self.speech_final, silence_final_s=self.silence_final_s, foreign=self.foreign,
         )
         try:
             await self._serve(ws, conn, recognizer, drop)
