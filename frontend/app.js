@@ -336,6 +336,7 @@ function handleEvent(event) {
     case "avatar.paused":
       player.pause(); // the user started talking over it: quiet now, resume if it was nothing
       app.avatarPaused = true;
+      noteBargeIn(event.reply_id);
       markReply(event.reply_id, "paused", "true");
       updateTurnState();
       break;
@@ -359,14 +360,13 @@ function handleEvent(event) {
       break;
     case "avatar.stopped_talking":
       app.cloudSpeaking = false;
+      if (app.avatarPaused) player.resume(); // a later reply must play
       app.avatarPaused = false;
       markReply(event.reply_id, "speaking", "false");
-      if (event.interrupted || app.avatarPaused) {
+      if (event.interrupted) {
         player.stop(event.reply_id); // barge-in: silence it now, drop its queued chunks
         markReply(event.reply_id, "interrupted", "true");
-        const now = performance.now();
-        app.bargeIns.push({ reply_id: event.reply_id, after_voice_onset_ms: Math.round(now - app.voiceStartAt) });
-        if (app.bargeIns.length > 100) app.bargeIns.shift();
+        noteBargeIn(event.reply_id);
       }
       break;
     case "avatar.audio":
@@ -390,6 +390,13 @@ function handleEvent(event) {
     default:
       break; // newer servers may send more: ignore what we do not know
   }
+}
+
+/** How long after the user's voice onset the avatar went quiet (paused or cut), once per reply. */
+function noteBargeIn(replyId) {
+  if (app.bargeIns.some((b) => b.reply_id === replyId)) return;
+  app.bargeIns.push({ reply_id: replyId, after_voice_onset_ms: Math.round(performance.now() - app.voiceStartAt) });
+  if (app.bargeIns.length > 100) app.bargeIns.shift();
 }
 
 function onReady(event) {
@@ -716,7 +723,7 @@ function setThinking(utteranceId) {
 
 /** listening / thinking / speaking, on <body data-turn> and in the status line under the avatar. */
 function updateTurnState() {
-  const live = app.state === "live";
+  const live = app.ready && app.state !== "ended" && app.state !== "error"; // session.ready seen
   let turn = "";
   if (live) turn = app.speaking && !app.avatarPaused ? "speaking" : app.thinkingFor ? "thinking" : "listening";
   if (ui.body.dataset.turn === turn) return;

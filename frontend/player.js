@@ -207,14 +207,14 @@ export class SpeechPlayer {
   }
 
   get playing() {
-    if (!this.ctx || this.scheduled.length === 0) return false;
+    if (!this.ctx || this.scheduled.length === 0 || this.paused) return false;
     const t = this.hearingTime();
     return this.scheduled.some((s) => s.end > t && s.start <= t + 0.05);
   }
 
   /** Mouth openness 0..1 for what is heard now, from the chunk's envelope. */
   mouthNow() {
-    if (!this.ctx) return 0;
+    if (!this.ctx || this.paused) return 0;
     const t = this.hearingTime();
     for (const s of this.scheduled) {
       if (t >= s.start && t < s.end) {
@@ -228,7 +228,7 @@ export class SpeechPlayer {
 
   /** RMS of the output right now, measured by the analyser (proves audio actually plays). */
   level() {
-    if (!this.analyser) return 0;
+    if (!this.analyser || this.ctx.state !== "running") return 0; // a suspended graph outputs nothing
     this.analyser.getFloatTimeDomainData(this.levelBuf);
     let sum = 0;
     for (let i = 0; i < this.levelBuf.length; i++) sum += this.levelBuf[i] * this.levelBuf[i];

@@ -447,3 +447,52 @@ def test_speaking_over_the_avatar_stops_it(stack, tmp_path):
         print(f"\n[browser] user starts speaking over the avatar -> its audio stops: {onset_to_quiet} ms")
         screenshot(page, "browser-barge-in")
         end_conversation(page)
+
+
+def test_turn_state_pause_resume_and_echo_safe_output(tmp_path):
+    """listening → thinking → speaking on the page; a pause freezes the voice and a resume continues
+    it; the local voice plays through the in-page WebRTC loopback (the path echo cancellation sees);
+    a final judged to be echo disappears from the transcript."""
+    with static_server() as base, launch(silence_wav(tmp_path / "silence.wav")) as page:
+        page.goto(base + "/")
+        page.click("#face")  # a user gesture: the page may now play audio
+        page.evaluate(
+            """() => {
+              const s = window.__avatarStack;
+              s.handleEvent({type: 'session.ready', provider: 'local', audio_sample_rate: 16000});
+              window.tone = (seq) => {
+                const pcm = new Int16Array(16000);
+                for (let i = 0; i < pcm.length; i++) pcm[i] = 8000 * Math.sin(2 * Math.PI * 220 * i / 16000);
+                s.handleAudio({type: 'avatar.audio', reply_id: 'r1', seq, sample_rate: 16000, samples: 16000,
+                               mouth: Array(50).fill(0.8), mouth_hop_ms: 20}, pcm.buffer);
+              };
+            }"""
+        )
+        page.evaluate("() => { __avatarStack.handleEvent({type: 'transcript.final', utterance_id: 'u1', "
+                      "text: 'What is it?', start_s: 0, end_s: 1}); }")
+        page.wait_for_function("__avatarStack.turnState === 'thinking'", timeout=2_000)
+        assert page.locator("#turn-state").inner_text() == "Thinking…"
+        page.evaluate("() => { __avatarStack.handleEvent({type: 'avatar.started_talking', reply_id: 'r1'}); "
+                      "for (let seq = 0; seq < 3; seq++) tone(seq); }")
+        page.wait_for_function("__avatarStack.turnState === 'speaking' && __avatarStack.lastPlaybackLevel > 0.05",
+                               timeout=5_000)
+        page.wait_for_function("__avatarStack.audioOutput === 'loopback'", timeout=5_000)
+        screenshot(page, "browser-turn-speaking")
+
+        page.evaluate("__avatarStack.handleEvent({type: 'avatar.paused', reply_id: 'r1'})")
+        page.wait_for_function("__avatarStack.lastPlaybackLevel < 0.001 && __avatarStack.turnState === 'listening'",
+                               timeout=2_000)
+        played_while_paused = page.evaluate("__avatarStack.audioChunksPlayed")
+        page.wait_for_timeout(600)  # paused really holds: nothing more is played meanwhile
+        assert page.evaluate("__avatarStack.audioChunksPlayed") == played_while_paused
+        assert page.evaluate("__avatarStack.audioChunksDropped") == 0  # kept, not thrown away
+
+        page.evaluate("__avatarStack.handleEvent({type: 'avatar.resumed', reply_id: 'r1'})")
+        page.wait_for_function("__avatarStack.lastPlaybackLevel > 0.05 && __avatarStack.turnState === 'speaking'",
+                               timeout=2_000)
+
+        page.evaluate("() => { __avatarStack.handleEvent({type: 'transcript.final', utterance_id: 'u2', "
+                      "text: 'a long answer', start_s: 2, end_s: 3}); "
+                      "__avatarStack.handleEvent({type: 'transcript.ignored', utterance_id: 'u2', reason: 'echo'}); }")
+        assert page.locator('#transcript li[data-utterance-id="u2"]').count() == 0
+        assert page.locator('#transcript li[data-utterance-id="u1"]').count() == 1
