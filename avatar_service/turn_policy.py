@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
-from difflib import SequenceMatcher
+from collections import Counter, deque
 from typing import Literal
 
 from common.settings import Settings
@@ -88,8 +87,22 @@ class EchoGuard:
         heard = words_of(text)
         if not heard:
             return False
-        blocks = SequenceMatcher(None, list(self.spoken), heard, autojunk=False).get_matching_blocks()
-        return sum(b.size for b in blocks) >= self.ratio * len(heard)
+        return best_window_overlap(list(self.spoken), heard) >= self.ratio * len(heard)
+
+
+def best_window_overlap(spoken: list[str], heard: list[str], slack: int = 3) -> int:
+    """Most heard words found in one stretch of the avatar's speech (a little longer than what was
+    heard). Echo is a contiguous piece of what it said, misheard here and there; words that only
+    occur scattered across a long reply are the user's own."""
+    need = Counter(heard)
+    width = len(heard) + slack
+    best = 0
+    for start in range(max(1, len(spoken) - len(heard) + 1)):
+        window = Counter(spoken[start:start + width])
+        best = max(best, sum(min(n, window[w]) for w, n in need.items()))
+        if best == len(heard):
+            break
+    return best
 
 
 class TurnPolicy:
