@@ -148,6 +148,26 @@ async def test_utterance_end_closes_the_utterance_when_vad_never_endpoints() -> 
 # --- control messages, chunking, query --------------------------------------------------------
 
 
+async def test_a_finalize_without_an_answer_still_closes_the_utterance() -> None:
+    """Deepgram may not answer `Finalize`: the words it already sent become the final."""
+    async with FakeDeepgram(KEY) as fake:
+        fake.answer_finalize = False
+        engine = DeepgramEngine(settings_for(fake), **FAST, finalize_timeout_s=0.3)
+        stream = await engine.open("s1", language="en", start_offset_s=0.0)
+        results = Collector(stream)
+        await stream.send(Speech().say("hello world").pcm)  # "world" stays open: no endpoint
+        await results.until(lambda items: any(r.kind == "interim" for r in items))
+        await stream.finalize()
+        await results.until(lambda items: bool(finals(items)))
+        assert [f.text for f in finals(results.items)] == ["hello"]  # all it said: "world" never came
+        conn = fake.connections[0]
+        assert conn.controls.count("Finalize") == 1 and not any(r.get("from_finalize") for r in conn.sent_of("Results"))
+        await stream.close()
+        items = await results.all()
+    assert len(finals(items)) == 2 and finals(items)[1].text == "world"  # CloseStream flushed the rest, once
+    assert_ordered(items)
+
+
 async def test_finalize_and_close_stream_are_sent_at_the_right_moments() -> None:
     async with FakeDeepgram(KEY) as fake:
         engine = DeepgramEngine(settings_for(fake), **FAST)

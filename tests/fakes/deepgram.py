@@ -476,6 +476,7 @@ class FakeDeepgram:
         self.handshakes: list[Handshake] = []
         self.connections: list[FakeConnection] = []
         self.foreign: deque[str] = deque(maxlen=10_000)  # words real sound will be heard as (scripted)
+        self.answer_finalize = True  # False: `Finalize` gets no `from_finalize` result
         self._drops: deque[_Drop] = deque()
         self._rejections: deque[int] = deque()
         self._changed = asyncio.Event()
@@ -630,7 +631,8 @@ class FakeDeepgram:
                 await self._drop(ws, conn, drop)
                 return
             if kind == "Finalize":
-                await self._send(ws, conn, recognizer.finalize())
+                if self.answer_finalize:  # the real service has been seen to leave one unanswered
+                    await self._send(ws, conn, recognizer.finalize())
             elif kind == "CloseStream":
                 await self._send(ws, conn, recognizer.close())
                 await self._close(ws, conn, 1000, "")
