@@ -41,6 +41,7 @@ MODEL_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
 WINDOW_S = 8  # the model sees the last 8 s of the turn, zero-padded in front
 TRAILING_S = 0.2  # silence after the last word the model expects to hear
 MODEL_TIMEOUT_S = 0.5  # a busier worker decides from the words alone rather than wait
+MODEL_MAX_QUEUED = 2  # ... and so does one whose model thread already has this many pauses to judge
 
 TextVerdict = Literal["incomplete", "complete", "weak_complete", "unknown"]
 
@@ -127,6 +128,8 @@ class TurnDetector:
         self._session: object | None = None
         self._features: object | None = None
         self._loaded = False
+        self._queued = 0  # judgements waiting for or running on the model thread
+        self.skipped = 0  # pauses judged from the words alone because the model was busy
 
     async def load(self) -> None:
         """Load the model once, before the first session (a missing model is a warning, not fatal)."""
@@ -159,14 +162,25 @@ class TurnDetector:
             return Verdict(True, None, verdict)
         p_audio = None
         if verdict not in ("incomplete", "complete") and audio is not None and self._session is not None:
-            loop = asyncio.get_running_loop()
-            try:
-                p_audio = await asyncio.wait_for(
-                    loop.run_in_executor(self._executor, self._probability, audio), MODEL_TIMEOUT_S
-                )
-            except TimeoutError:
-                log.warning("turn model slower than %.1f s: deciding from the words", MODEL_TIMEOUT_S)
+            if self._queued >= MODEL_MAX_QUEUED:  # overloaded: bounded work, the words decide
+                self.skipped += 1
+            else:
+                p_audio = await self._ask_model(audio)
         return Verdict(combine(verdict, p_audio, self.settings.turn_complete_threshold), p_audio, verdict)
+
+    async def _ask_model(self, audio: np.ndarray) -> float | None:
+        self._queued += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._probability, audio)
+        future.add_done_callback(lambda _: self._release())
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), MODEL_TIMEOUT_S)
+        except TimeoutError:
+            self.skipped += 1
+            log.warning("turn model slower than %.1f s: deciding from the words", MODEL_TIMEOUT_S)
+            return None
+
+    def _release(self) -> None:
+        self._queued -= 1
 
     def _probability(self, audio: np.ndarray) -> float:
         """P(turn complete) for 16 kHz float audio ending where the user stopped (plus a little silence)."""

@@ -55,7 +55,9 @@ AUDIO_TO_ENGINE = Histogram(
 )
 RESULTS = Counter("stt_results_total", "Results published", ["kind"])  # interim | final | speech_started
 ENGINE_ERRORS = Counter("stt_engine_errors_total", "Speech engine errors", ["code"])
-TURN_DECISIONS = Counter("stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict"])
+TURN_DECISIONS = Counter(
+    "stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict", "by"]  # by: words | audio
+)
 
 
 class SttWorker:
@@ -296,7 +298,9 @@ class _Turn:
         self.held.append(result)
         text = self.text()
         verdict = await self.s.w.turns.decide(text, self.s.tail.until(result.end_s + TRAILING_S))
-        TURN_DECISIONS.labels("complete" if verdict.complete else "incomplete").inc()
+        TURN_DECISIONS.labels(
+            "complete" if verdict.complete else "incomplete", "words" if verdict.p_audio is None else "audio"
+        ).inc()
         if verdict.complete:
             await self.flush()
             return
