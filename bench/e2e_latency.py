@@ -13,15 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 
-import httpx
-
-from avatar_stack.up import free_port, redis_binary, start_redis
+from bench.local_stack import local_stack
 from bench.measure import pct, rss_mb
 from tests.client import Browser, create_session
 from tests.room import trim_trailing_silence
@@ -81,36 +76,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10)
     args = parser.parse_args()
-    port, redis_port = free_port(), free_port()
-    redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
-           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": "WARNING",
-           "SESSION_CREATE_RATE_PER_MIN": "0"}  # --n sessions from 127.0.0.1
-    procs = {
-        name: subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env)
-        for name in ("gateway", "stt-worker", "avatar-worker")
-    }
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:  # workers up too
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("gateway did not start")
-            time.sleep(0.1)
-        hops = asyncio.run(measure(base_url, args.n))
-        memory = {name: round(rss_mb(p.pid), 1) for name, p in procs.items()}
-        memory["redis"] = round(rss_mb(redis_proc.pid), 1)
-    finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            p.wait(15)
-        redis_proc.terminate()
+    with local_stack(SESSION_CREATE_RATE_PER_MIN="0") as stack:  # --n sessions from 127.0.0.1
+        hops = asyncio.run(measure(stack.base_url, args.n))
+        memory = {name: round(rss_mb(p.pid), 1) for name, p in stack.procs.items()}
+        memory["redis"] = round(rss_mb(stack.redis.pid), 1)
     print(f"\n{'hop':28s} {'median':>8s} {'p95':>8s}  (seconds, n={args.n})")
     for name, values in hops.items():
         print(f"{name:28s} {statistics.median(values):8.3f} {pct(values, 0.95):8.3f}")

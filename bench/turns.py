@@ -30,15 +30,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-import httpx
 import numpy as np
 
-from avatar_stack.up import free_port, redis_binary, start_redis
+from bench.local_stack import local_stack
 from bench.measure import pct
 from common.pcm import SAMPLE_RATE
 from tests.client import create_session
@@ -227,36 +225,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated scenario kinds")
     parser.add_argument("--json", default="", help="write the summary and rows here")
     args = parser.parse_args()
-    port, redis_port = free_port(), free_port()
-    redis_proc = start_redis(redis_binary() or "redis-server", redis_port)
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_PORT": str(port),
-           "STT_PROVIDER": "local", "AVATAR_PROVIDER": "local", "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-           "SESSION_CREATE_RATE_PER_MIN": "0", "SESSION_IDLE_TIMEOUT_S": "3600"}
-    checkout = os.environ.get("BENCH_SERVICE_PYTHONPATH") or None  # `-m` imports from the cwd first
-    if checkout:
-        env["PYTHONPATH"] = checkout
-    procs = [subprocess.Popen([sys.executable, "-m", "avatar_stack.cli", name], env=env, cwd=checkout)
-             for name in ("gateway", "stt-worker", "avatar-worker")]
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("gateway did not start")
-            time.sleep(0.1)
-        only = {k.strip() for k in args.only.split(",") if k.strip()} or None
-        out = asyncio.run(run_scenarios(base_url, None if args.no_echo else args.echo_db, args.echo_ms, only))
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(15)
-        redis_proc.terminate()
+    only = {k.strip() for k in args.only.split(",") if k.strip()} or None
+    with local_stack(os.environ.get("BENCH_SERVICE_PYTHONPATH") or None, SESSION_IDLE_TIMEOUT_S="3600",
+                     LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING")) as stack:
+        out = asyncio.run(run_scenarios(stack.base_url, None if args.no_echo else args.echo_db, args.echo_ms, only))
     print(json.dumps(out["summary"], indent=2))
     if os.environ.get("BENCH_EVENTS"):
         with open(os.environ["BENCH_EVENTS"], "w") as f:

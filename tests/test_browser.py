@@ -341,22 +341,32 @@ def test_error_banners(tmp_path):
         vendor.wait_for(state="detached", timeout=5_000)
 
 
+def local_avatar_with_tone(page, base: str) -> None:
+    """A page whose local avatar is ready, and `tone(seq)`: one second of 220 Hz as reply r1's chunk."""
+    page.goto(base + "/")
+    page.click("#face")  # a user gesture: the page may now play audio
+    page.evaluate(
+        """() => {
+          const s = window.__avatarStack;
+          s.handleEvent({type: 'session.ready', provider: 'local', audio_sample_rate: 16000});
+          window.tone = (seq) => {
+            const pcm = new Int16Array(16000);
+            for (let i = 0; i < pcm.length; i++) pcm[i] = 8000 * Math.sin(2 * Math.PI * 220 * i / 16000);
+            s.handleAudio({type: 'avatar.audio', reply_id: 'r1', seq, sample_rate: 16000, samples: 16000,
+                           mouth: Array(50).fill(0.8), mouth_hop_ms: 20}, pcm.buffer);
+          };
+        }"""
+    )
+
+
 def test_barge_in_silences_local_avatar_at_once(tmp_path):
     with static_server() as base, launch(silence_wav(tmp_path / "silence.wav")) as page:
-        page.goto(base + "/")
-        page.click("#face")  # a user gesture: the page may now play audio
+        local_avatar_with_tone(page, base)
         page.evaluate(
             """() => {
               const s = window.__avatarStack;
-              s.handleEvent({type: 'session.ready', provider: 'local', audio_sample_rate: 16000});
               s.handleEvent({type: 'avatar.reply', reply_id: 'r1', turn_id: 't1', text: 'A long answer.'});
               s.handleEvent({type: 'avatar.started_talking', reply_id: 'r1'});
-              window.tone = (seq) => {
-                const pcm = new Int16Array(16000);
-                for (let i = 0; i < pcm.length; i++) pcm[i] = 8000 * Math.sin(2 * Math.PI * 220 * i / 16000);
-                s.handleAudio({type: 'avatar.audio', reply_id: 'r1', seq, sample_rate: 16000, samples: 16000,
-                               mouth: Array(50).fill(0.8), mouth_hop_ms: 20}, pcm.buffer);
-              };
               for (let seq = 0; seq < 3; seq++) tone(seq);  // 3 s queued back to back
             }"""
         )
@@ -454,20 +464,7 @@ def test_turn_state_pause_resume_and_echo_safe_output(tmp_path):
     it; the local voice plays through the in-page WebRTC loopback (the path echo cancellation sees);
     a final judged to be echo disappears from the transcript."""
     with static_server() as base, launch(silence_wav(tmp_path / "silence.wav")) as page:
-        page.goto(base + "/")
-        page.click("#face")  # a user gesture: the page may now play audio
-        page.evaluate(
-            """() => {
-              const s = window.__avatarStack;
-              s.handleEvent({type: 'session.ready', provider: 'local', audio_sample_rate: 16000});
-              window.tone = (seq) => {
-                const pcm = new Int16Array(16000);
-                for (let i = 0; i < pcm.length; i++) pcm[i] = 8000 * Math.sin(2 * Math.PI * 220 * i / 16000);
-                s.handleAudio({type: 'avatar.audio', reply_id: 'r1', seq, sample_rate: 16000, samples: 16000,
-                               mouth: Array(50).fill(0.8), mouth_hop_ms: 20}, pcm.buffer);
-              };
-            }"""
-        )
+        local_avatar_with_tone(page, base)
         page.evaluate("() => { __avatarStack.handleEvent({type: 'transcript.final', utterance_id: 'u1', "
                       "text: 'What is it?', start_s: 0, end_s: 1}); }")
         page.wait_for_function("__avatarStack.turnState === 'thinking'", timeout=2_000)
