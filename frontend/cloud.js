@@ -9,7 +9,7 @@ const MAX_RELAY_BYTES = 3500; // the server accepts avatar.event payloads up to 
 
 let loading = null;
 
-function loadLivekit() {
+export function loadLivekit() {
   if (window.LivekitClient) return Promise.resolve(window.LivekitClient);
   if (!loading) {
     loading = new Promise((resolve, reject) => {

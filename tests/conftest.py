@@ -200,6 +200,14 @@ def stack(redis_url: str) -> Iterator[Stack]:
     s.stop_all()
 
 
+@pytest.fixture(scope="module")
+def livekit_stack(redis_url: str, livekit_server: LiveKitServer) -> Iterator[Stack]:
+    """The stack with the local avatar's voice in LiveKit rooms on the test LiveKit server."""
+    s = start_stack(redis_url, **livekit_server.env())
+    yield s
+    s.stop_all()
+
+
 def scrape(url: str) -> dict[str, float]:
     """A Prometheus text page as {'name{labels}': value}."""
     out: dict[str, float] = {}

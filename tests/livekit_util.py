@@ -153,6 +153,16 @@ class LiveKitServer:
             .to_jwt()
         )
 
+    async def participants(self, room: str) -> list:
+        """RoomService's view of a room: who is in it, with their tracks and permissions."""
+        from livekit import api
+
+        lk = api.LiveKitAPI(self.http_url, self.api_key, self.api_secret)
+        try:
+            return list((await lk.room.list_participants(api.ListParticipantsRequest(room=room))).participants)
+        finally:
+            await lk.aclose()
+
     def env(self) -> dict[str, str]:
         """The settings that point a stack at this server."""
         return {"LIVEKIT_URL": self.url, "LIVEKIT_API_KEY": self.api_key, "LIVEKIT_API_SECRET": self.api_secret}

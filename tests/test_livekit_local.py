@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 
 import jwt
 import pytest
@@ -19,7 +18,7 @@ from avatar_service.livekit_room import AVATAR_IDENTITY, MOUTH_TOPIC
 from avatar_stack.up import free_port
 from common import keys
 from tests.client import Browser, create_session
-from tests.conftest import Stack, start_stack
+from tests.conftest import Stack
 from tests.livekit_util import LiveKitServer, RoomListener
 
 pytestmark = pytest.mark.slow
@@ -27,10 +26,8 @@ GUARD_S = 90
 
 
 @pytest.fixture(scope="module")
-def lk_stack(redis_url: str, livekit_server: LiveKitServer) -> Iterator[Stack]:
-    s = start_stack(redis_url, **livekit_server.env())
-    yield s
-    s.stop_all()
+def lk_stack(livekit_stack: Stack) -> Stack:
+    return livekit_stack
 
 
 async def open_page(stack: Stack) -> tuple[Browser, dict]:
