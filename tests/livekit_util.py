@@ -109,16 +109,20 @@ class LiveKitServer:
                 raise RuntimeError(f"livekit-server did not answer within {timeout_s:.0f} s:\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self) -> None:
+        """SIGTERM starts a graceful drain that can take many seconds; a second one forces it."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        for wait_s in (1.0, 5.0):
+            proc.terminate()
+            try:
+                proc.wait(wait_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+        proc.wait(5)
 
     def kill(self) -> None:
         """As a crash: no goodbye to the participants."""
