@@ -39,7 +39,7 @@ def wanted(env: dict[str, str]) -> str | None:
     """The binary to start, or None (LiveKit already configured, switched off, or not installed)."""
     if env.get("LIVEKIT_URL") or env.get("AVATAR_STACK_LIVEKIT", "").lower() in ("off", "0", "false", "no"):
         return None
-    return shutil.which("livekit-server")
+    return shutil.which("livekit-server", path=env.get("PATH"))
 
 
 def start(binary: str, timeout_s: float = 20.0) -> tuple[subprocess.Popen, dict[str, str]]:

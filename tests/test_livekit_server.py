@@ -122,3 +122,34 @@ async def test_subscribe_only_token_cannot_publish(livekit_server: LiveKitServer
     finally:
         for r in (viewer, listener, avatar):
             await r.disconnect()
+
+
+async def test_up_starts_a_dev_livekit_found_on_path(tmp_path):
+    """`avatar-stack up` with `livekit-server` on PATH: a dev server on loopback the stack can use;
+    not when LIVEKIT_URL is set or AVATAR_STACK_LIVEKIT=off."""
+    from livekit import rtc
+
+    from avatar_stack import livekit_dev
+    from tests.conftest import require_livekit_binary
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "livekit-server").symlink_to(require_livekit_binary())
+    path = {"PATH": str(folder)}
+    assert livekit_dev.wanted({**path, "LIVEKIT_URL": "wss://elsewhere"}) is None
+    assert livekit_dev.wanted({**path, "AVATAR_STACK_LIVEKIT": "off"}) is None
+    assert livekit_dev.wanted({"PATH": str(tmp_path)}) is None  # not installed: up runs without it
+    binary = livekit_dev.wanted(path)
+    assert binary is not None
+
+    proc, env = await asyncio.to_thread(livekit_dev.start, binary)
+    try:
+        assert env["LIVEKIT_URL"].startswith("ws://127.0.0.1:")
+        server = LiveKitServer(binary, api_key=env["LIVEKIT_API_KEY"], api_secret=env["LIVEKIT_API_SECRET"])
+        room = rtc.Room()
+        await room.connect(env["LIVEKIT_URL"], server.token("up-check", "up-room"))
+        assert room.isconnected()
+        await room.disconnect()
+    finally:
+        await asyncio.to_thread(livekit_dev.stop, proc)
+    assert proc.returncode is not None
