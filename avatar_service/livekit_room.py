@@ -133,11 +133,16 @@ class LiveKitAudioSink:
         self._space.set()
         self._pump = asyncio.create_task(self._run(), name="livekit-audio-pump")
         self.frames_sent = 0
+        self._reply: str | None = None  # the reply of the last chunk queued
+        self._cut: collections.deque[str] = collections.deque(maxlen=32)  # replies cut by barge-in
 
     async def send(self, pcm: bytes, meta: AvatarAudio) -> None:
+        self._reply = meta.reply_id
         while self._queued_samples >= MAX_BUFFER_S * self.rate:
             self._space.clear()
             await self._space.wait()
+        if meta.reply_id in self._cut:  # synthesized before the barge-in, sent after it: never heard
+            return
         mouth = orjson.dumps(
             {
                 "type": "avatar.mouth",
@@ -159,7 +164,10 @@ class LiveKitAudioSink:
         self._wake.set()
 
     def clear(self) -> None:
-        """Barge-in: what is queued here and inside the source is never heard."""
+        """Barge-in: what is queued here and inside the source is never heard, nor anything of
+        the same reply that is still on its way."""
+        if self._reply is not None:
+            self._cut.append(self._reply)
         self._frames.clear()
         self._queued_samples = 0
         self._space.set()
