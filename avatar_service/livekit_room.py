@@ -133,6 +133,7 @@ class LiveKitAudioSink:
         self._space.set()
         self._pump = asyncio.create_task(self._run(), name="livekit-audio-pump")
         self.frames_sent = 0
+        self._failing = False
         self._reply: str | None = None  # the reply of the last chunk queued
         self._cut: collections.deque[str] = collections.deque(maxlen=32)  # replies cut by barge-in
 
@@ -195,7 +196,14 @@ class LiveKitAudioSink:
                 )  # returns once the source's queue has room: this paces us in real time
                 self.frames_sent += 1
             except Exception as exc:  # the room went away: drop audio rather than stall the reply
-                log.warning("livekit audio frame dropped: %s", type(exc).__name__)
+                if not self._failing:  # once per outage, not per frame
+                    log.warning("livekit audio frames dropped: %s", type(exc).__name__)
+                self._failing = True
+
+    def attach(self, room: rtc.Room, source: rtc.AudioSource) -> None:
+        """After a rejoin: the same queue plays into the new room's track."""
+        self.room, self.source = room, source
+        self._failing = False
 
     async def aclose(self) -> None:
         self._pump.cancel()
@@ -205,55 +213,99 @@ class LiveKitAudioSink:
 
 
 class AvatarRoom:
-    """The avatar's connection to one session's room."""
+    """The avatar's connection to one session's room. When LiveKit drops it (a server restart),
+    the avatar rejoins by itself with backoff, the same room and identity; meanwhile its audio is
+    dropped, and the page's livekit-client reconnects on its own and picks up the new track."""
+
+    REJOIN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 5.0)
 
     def __init__(self, settings: Settings, name: str, room: rtc.Room, sink: LiveKitAudioSink) -> None:
         self.settings = settings
         self.name = name
         self.room = room
         self.sink = sink
+        self.rejoins = 0
+        self._leaving = False
+        self._rejoin: asyncio.Task | None = None
+        self._watch(room)
 
     @classmethod
     async def join(cls, settings: Settings, name: str, sample_rate: int) -> AvatarRoom:
         """Join `name` as the avatar and publish the voice track; raise `LiveKitUnavailable`."""
-        from livekit import rtc
-
-        url = settings.livekit_url
-        token = _token(settings, AVATAR_IDENTITY, name, publish=True, ttl_s=6 * 3600)
-        room = rtc.Room()
-        try:
-            await asyncio.wait_for(
-                room.connect(
-                    url,
-                    token,
-                    rtc.RoomOptions(auto_subscribe=False, connect_timeout=settings.livekit_connect_timeout_s),
-                ),
-                settings.livekit_connect_timeout_s * 2,
-            )
-            source = rtc.AudioSource(sample_rate, 1, queue_size_ms=SOURCE_QUEUE_MS)
-            track = rtc.LocalAudioTrack.create_audio_track("avatar-voice", source)
-            options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, dtx=False, red=True)
-            await asyncio.wait_for(room.local_participant.publish_track(track, options), 15)
-        except (Exception, TimeoutError) as exc:
-            with contextlib.suppress(Exception):
-                await room.disconnect()
-            err = _classify(exc, url)
-            log.warning("livekit room not joined: %s (%s)", err.code, type(exc).__name__)
-            raise err from None
+        room, source = await _connect(settings, name, sample_rate)
         log.info("avatar joined livekit room %s", name)
         return cls(settings, name, room, LiveKitAudioSink(room, source, sample_rate))
+
+    def _watch(self, room: rtc.Room) -> None:
+        room.on("disconnected", lambda reason: self._on_disconnected(room, reason))
+
+    def _on_disconnected(self, room: rtc.Room, reason: object) -> None:
+        if self._leaving or room is not self.room or (self._rejoin and not self._rejoin.done()):
+            return
+        log.warning("livekit room %s lost (%s); rejoining", self.name, reason)
+        self._rejoin = asyncio.get_running_loop().create_task(self._rejoin_loop())
+
+    async def _rejoin_loop(self) -> None:
+        attempt = 0
+        while not self._leaving:
+            await asyncio.sleep(self.REJOIN_BACKOFF_S[min(attempt, len(self.REJOIN_BACKOFF_S) - 1)])
+            attempt += 1
+            try:
+                room, source = await _connect(self.settings, self.name, self.sink.rate)
+            except LiveKitUnavailable:
+                continue
+            if self._leaving:
+                with contextlib.suppress(Exception):
+                    await room.disconnect()
+                return
+            self.room = room
+            self.sink.attach(room, source)
+            self._watch(room)
+            self.rejoins += 1
+            log.info("avatar rejoined livekit room %s after %d attempt(s)", self.name, attempt)
+            return
 
     def viewer_token(self) -> str:
         return viewer_token(self.settings, self.name)
 
     async def leave(self, *, delete_room: bool) -> None:
         """Leave the room; `delete_room` (the session ended) also disconnects the page."""
+        self._leaving = True
+        if self._rejoin is not None:
+            self._rejoin.cancel()
         await self.sink.aclose()
         with contextlib.suppress(Exception):
             await self.room.disconnect()
         if delete_room:
             with contextlib.suppress(Exception):
                 await delete(self.settings, self.name)
+
+
+async def _connect(settings: Settings, name: str, sample_rate: int) -> tuple[rtc.Room, rtc.AudioSource]:
+    """A connected room with the voice track published; raises `LiveKitUnavailable`."""
+    from livekit import rtc
+
+    url = settings.livekit_url
+    token = _token(settings, AVATAR_IDENTITY, name, publish=True, ttl_s=6 * 3600)
+    room = rtc.Room()
+    try:
+        await asyncio.wait_for(
+            room.connect(
+                url, token, rtc.RoomOptions(auto_subscribe=False, connect_timeout=settings.livekit_connect_timeout_s)
+            ),
+            settings.livekit_connect_timeout_s * 2,
+        )
+        source = rtc.AudioSource(sample_rate, 1, queue_size_ms=SOURCE_QUEUE_MS)
+        track = rtc.LocalAudioTrack.create_audio_track("avatar-voice", source)
+        options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE, dtx=False, red=True)
+        await asyncio.wait_for(room.local_participant.publish_track(track, options), 15)
+    except (Exception, TimeoutError) as exc:
+        with contextlib.suppress(Exception):
+            await room.disconnect()
+        err = _classify(exc, url)
+        log.warning("livekit room not joined: %s (%s)", err.code, type(exc).__name__)
+        raise err from None
+    return room, source
 
 
 async def delete(settings: Settings, name: str) -> None:
