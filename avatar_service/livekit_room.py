@@ -213,9 +213,11 @@ class LiveKitAudioSink:
 
 
 class AvatarRoom:
-    """The avatar's connection to one session's room. When LiveKit drops it (a server restart),
-    the avatar rejoins by itself with backoff, the same room and identity; meanwhile its audio is
-    dropped, and the page's livekit-client reconnects on its own and picks up the new track."""
+    """The avatar's connection to one session's room. When LiveKit goes away (a server restart)
+    the SDK first retries on its own (~10 attempts) and republishes the track; if it gives up
+    (`disconnected`), we rejoin with backoff, same room and identity, for as long as the session
+    lasts. Meanwhile audio is dropped; the page's livekit-client reconnects on its own and picks
+    up the new track."""
 
     REJOIN_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 5.0)
 
