@@ -168,3 +168,38 @@ def test_tokens_never_appear_in_logs(lk_stack: Stack):
     logs = [*lk_stack.logs.values()]
     leaked = [str(p) for p in logs if p.exists() and "eyJ" in p.read_text(errors="replace")]
     assert not leaked
+
+
+async def test_the_avatar_rejoins_when_the_sdk_gives_up_on_its_room(livekit_server: LiveKitServer):
+    """In process: the room is dropped under the avatar (as when the SDK's own retries are used
+    up); it rejoins by itself and the same sink plays into the new track."""
+    import numpy as np
+    from pydantic import SecretStr
+
+    from avatar_service.livekit_room import AvatarRoom
+    from common.models import AvatarAudio
+    from common.settings import Settings
+
+    settings = Settings(
+        _env_file=None, livekit_url=livekit_server.url, livekit_api_key=SecretStr(livekit_server.api_key),
+        livekit_api_secret=SecretStr(livekit_server.api_secret),
+    )
+    rate = 22_050
+    tone = (6000 * np.sin(2 * np.pi * 300 * np.arange(rate) / rate)).astype(np.int16).tobytes()  # 1 s
+    room = await AvatarRoom.join(settings, "rejoin-room", rate)
+    listener = RoomListener()
+    await listener.connect(livekit_server.url, room.viewer_token())
+    try:
+        meta = AvatarAudio(reply_id="r1", seq=0, sample_rate=rate, samples=rate, mouth=[0.5], mouth_hop_ms=20)
+        await room.sink.send(tone, meta)
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > 20, 30, "the first voice")
+
+        await room.room.disconnect()  # what the SDK does when its reconnect attempts are used up
+        await listener.wait(lambda: listener.tracks.count((AVATAR_IDENTITY, "audio")) >= 2, 30, "a new track")
+        assert room.rejoins == 1
+        before = listener.loud_frames(AVATAR_IDENTITY)
+        await room.sink.send(tone, meta.model_copy(update={"reply_id": "r2"}))
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > before + 20, 30, "the voice again")
+    finally:
+        await listener.close()
+        await room.leave(delete_room=True)
