@@ -44,12 +44,17 @@ setup-system:
 	fi
 
 # `go install` of v1.13.5 (v1.13.6+ carry `replace` directives and cannot be go-installed).
-# Skipped when the binary is there and reports the pinned version.
+# Skipped when the binary is there and reports the pinned version. Without Go the LiveKit tests
+# skip, except in CI (CI=true), where that is an error.
 setup-livekit:
 	@if $(LIVEKIT_BIN) --version 2>/dev/null | grep -qx "livekit-server version $(LIVEKIT_VERSION:v%=%)"; then \
 		echo "livekit-server $(LIVEKIT_VERSION) already in $(LIVEKIT_BIN)"; \
 	else \
-		command -v go >/dev/null || { echo "setup-livekit: needs Go (https://go.dev/dl) to build livekit-server"; exit 1; }; \
+		if ! command -v go >/dev/null; then \
+			echo "setup-livekit: no Go (https://go.dev/dl) to build livekit-server: the LiveKit tests will skip"; \
+			case "$${CI:-}" in true|1|yes) echo "setup-livekit: CI needs it"; exit 1;; esac; \
+			exit 0; \
+		fi; \
 		mkdir -p .cache/gobin && \
 		echo "building livekit-server $(LIVEKIT_VERSION) (go install; minutes the first time)" && \
 		GOBIN=$(CURDIR)/.cache/gobin go install github.com/livekit/livekit-server/cmd/server@$(LIVEKIT_VERSION) && \
