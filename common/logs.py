@@ -17,6 +17,8 @@ import orjson
 _SECRET_PATTERNS = [
     (re.compile(r"(token=)[^&\s\"']+", re.I), r"\1***"),
     (re.compile(r"(Bearer |Token )[A-Za-z0-9._~+/=-]+"), r"\1***"),
+    # Any JWT (LiveKit access tokens, wherever an SDK or an error message puts one).
+    (re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]+"), "***jwt***"),
 ]
 
 

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     liveavatar_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
     liveavatar_reaper_grace_s: float = Field(default=60.0, ge=0)
 
+    # LiveKit for the local avatar's voice (self-hosted or LiveKit Cloud); unset = the WebSocket voice
+    livekit_url: str = ""  # what the avatar worker dials, e.g. ws://127.0.0.1:7880 or wss://x.livekit.cloud
+    livekit_public_url: str = ""  # what the page dials, when it differs (docker, proxies); empty = LIVEKIT_URL
+    livekit_api_key: SecretStr | None = None
+    livekit_api_secret: SecretStr | None = None
+    livekit_token_ttl_s: int = Field(default=600, ge=30, le=86400)  # the page's join token
+    livekit_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    livekit_room_prefix: str = "avatar-stack-"
+
     # Brain: an OpenAI-compatible chat-completions server; empty LLM_BASE_URL = the local Q&A responder
     llm_base_url: str = ""  # e.g. https://api.openai.com/v1, http://127.0.0.1:8080/v1 (llama.cpp)
     llm_api_key: SecretStr | None = None

@@ -11,6 +11,7 @@ import { CloudAvatar } from "./cloud.js";
 import { SessionSocket } from "./connection.js";
 import { Face } from "./face.js";
 import { LatencyPanel, LatencyTracker } from "./latency.js";
+import { LiveKitVoice } from "./livekit-voice.js";
 import { SpeechPlayer } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
@@ -60,6 +61,8 @@ const SILENT_FRAME = new ArrayBuffer(640); // sent while muted, so speech recogn
 const player = new SpeechPlayer({ loopback: !/^(0|false|off)$/.test(new URLSearchParams(location.search).get("loopback") || "") });
 const mic = new MicCapture({ onFrame });
 const face = new Face(ui.face);
+// The local avatar's voice when the server put it in a LiveKit room (session.ready.livekit, provider local).
+const lkVoice = new LiveKitVoice({ onReplyHeard: (id, at) => player.onReplyHeard?.(id, at) });
 const cloud = new CloudAvatar({
   video: ui.video,
   audio: ui.audio,
@@ -267,6 +270,7 @@ function finish(state) {
   app.micLevel = 0;
   mic.stop();
   cloud.disconnect();
+  lkVoice.disconnect();
   setState(state);
 }
 
@@ -356,6 +360,7 @@ function handleEvent(event) {
       app.cloudSpeaking = true;
       setThinking(null);
       if (app.livekit) breakdown.audio(event.reply_id, event.ts, performance.now(), "cloud"); // local: first chunk
+      else if (lkVoice.active) breakdown.audio(event.reply_id, event.ts, performance.now(), "local");
       markReply(event.reply_id, "speaking", "true");
       break;
     case "avatar.stopped_talking":
@@ -365,6 +370,7 @@ function handleEvent(event) {
       markReply(event.reply_id, "speaking", "false");
       if (event.interrupted) {
         player.stop(event.reply_id); // barge-in: silence it now, drop its queued chunks
+        lkVoice.stop(event.reply_id);
         markReply(event.reply_id, "interrupted", "true");
         noteBargeIn(event.reply_id);
       }
@@ -405,13 +411,17 @@ function onReady(event) {
   ui.body.dataset.provider = app.provider;
   ui.detail.provider.textContent = app.provider || "–";
   ui.detail.stt.textContent = event.stt_provider || "–";
-  if (event.livekit?.url) {
+  if (event.livekit?.url && event.provider === "local") {
+    showView("face"); // the local face, its voice a track in the session's LiveKit room
+    lkVoice.connect(event.livekit.url, event.livekit.token);
+  } else if (event.livekit?.url) {
     showView("video");
     app.livekit = { url: event.livekit.url, token: event.livekit.token, state: "connecting", error: null };
     ui.frame.dataset.livekitUrl = event.livekit.url;
     cloud.connect(event.livekit.url, event.livekit.token);
   } else {
     showView("face");
+    lkVoice.disconnect(); // a new owner could not join LiveKit: the voice comes down the socket
   }
   if (app.socket?.isOpen) setState("live");
 }
@@ -736,15 +746,17 @@ function updateTurnState() {
 
 function frame(now) {
   const local = !app.livekit;
-  const speaking = local ? player.playing : app.cloudSpeaking;
+  const voice = lkVoice.active ? lkVoice : player; // the same face, its voice from LiveKit or the socket
+  const speaking = local ? voice.playing : app.cloudSpeaking;
   if (speaking !== app.speaking) {
     app.speaking = speaking;
     ui.body.dataset.avatarSpeaking = String(speaking);
   }
   updateTurnState();
   if (local) {
-    face.tick(now, player.mouthNow());
-    const level = player.level();
+    if (lkVoice.active) lkVoice.tick(now);
+    face.tick(now, voice.mouthNow());
+    const level = voice.level();
     app.lastPlaybackLevel = level;
     if (level > app.maxPlaybackLevel) app.maxPlaybackLevel = level;
     const shown = level.toFixed(3);
@@ -843,6 +855,11 @@ window.__avatarStack = {
   get audioOutput() {
     return player.output; // "loopback" (echo-cancelled WebRTC path) or "direct"
   },
+  get livekitVoice() {
+    return { active: lkVoice.active, state: lkVoice.state, ...lkVoice.stats };
+  },
+  voiceRoom: () => lkVoice.room, // tests: try to publish with the page's token
+  voiceStats: () => lkVoice.receiverStats(),
   get framesSent() {
     return app.socket?.framesSent ?? 0;
   },

@@ -6,10 +6,14 @@
 
 const VENDOR_SCRIPT = new URL("./node_modules/livekit-client/dist/livekit-client.umd.js", import.meta.url);
 const MAX_RELAY_BYTES = 3500; // the server accepts avatar.event payloads up to 4 KiB
+// The vendors' avatar participants (HeyGen / LiveAvatar rooms: `heygen`; LiveAvatar in your own
+// room: `liveavatar-avatar-agent`): anyone else's tracks and data are not the avatar.
+const AVATAR_IDENTITIES = new Set(["heygen", "liveavatar-avatar-agent"]);
+const isAvatar = (participant) => !participant || AVATAR_IDENTITIES.has(participant.identity);
 
 let loading = null;
 
-function loadLivekit() {
+export function loadLivekit() {
   if (window.LivekitClient) return Promise.resolve(window.LivekitClient);
   if (!loading) {
     loading = new Promise((resolve, reject) => {
@@ -63,12 +67,15 @@ export class CloudAvatar {
     const room = new Room({ adaptiveStream: true, dynacast: true });
     this.room = room;
     room
-      .on(RoomEvent.TrackSubscribed, (track) => {
+      .on(RoomEvent.TrackSubscribed, (track, _pub, participant) => {
+        if (!participant || !isAvatar(participant)) return;
         if (track.kind === Track.Kind.Video) track.attach(this.video);
         else if (track.kind === Track.Kind.Audio) track.attach(this.audio);
       })
       .on(RoomEvent.TrackUnsubscribed, (track) => track.detach())
-      .on(RoomEvent.DataReceived, (payload, _participant, _kind, topic) => this.relay(payload, topic))
+      .on(RoomEvent.DataReceived, (payload, participant, _kind, topic) => {
+        if (isAvatar(participant)) this.relay(payload, topic); // no participant: sent by the server
+      })
       .on(RoomEvent.Reconnecting, () => this.onState("reconnecting"))
       .on(RoomEvent.Reconnected, () => this.onState("connected"))
       .on(RoomEvent.Disconnected, () => {

@@ -39,7 +39,7 @@ def test_depends_on_names_real_services():
 def test_every_command_is_a_real_subcommand():
     for name, service in compose()["services"].items():
         command = service.get("command")
-        if name == "redis":
+        if name in ("redis", "livekit"):  # third-party images
             continue
         assert command[0] == "avatar-stack", name
         args = build_parser().parse_args(command[1:])  # exits (fails the test) on an unknown subcommand
@@ -53,6 +53,19 @@ def test_workers_scale_freely():
         assert "ports" not in services[name]
     assert "healthcheck" in services["redis"]
     assert "--appendonly" in services["redis"]["command"]
+
+
+def test_livekit_is_optional_and_configured():
+    """`docker compose up` stays as it was; `--profile livekit` adds the official server with our config."""
+    livekit = compose()["services"]["livekit"]
+    assert livekit["profiles"] == ["livekit"]
+    assert livekit["image"].startswith("livekit/livekit-server:")
+    config_path = livekit["volumes"][0].split(":")[0]
+    config = yaml.safe_load((ROOT / config_path).read_text())
+    assert config["port"] == 7880 and config["rtc"]["udp_port"] == 7882
+    assert all(len(secret) >= 32 for secret in config["keys"].values())  # LiveKit's minimum outside dev mode
+    for name, service in compose()["services"].items():
+        assert "livekit" not in service.get("depends_on", {}), f"{name} must run without LiveKit"
 
 
 def test_dockerfile_runs_as_non_root_and_bakes_assets():

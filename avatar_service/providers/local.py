@@ -5,16 +5,23 @@ sentence, not the whole reply). Each chunk is an `avatar.audio` event with a mou
 envelope, followed by its PCM as a binary frame. The worker keeps a clock of where the browser's
 playback is, so it knows whether the avatar is still talking (for barge-in and for
 `avatar.stopped_talking`).
+
+Where the audio goes is an `AudioSink`: the bus (binary frames down the page's WebSocket) by
+default, or the session's LiveKit room when `LIVEKIT_URL` and its key are set
+(`avatar_service.livekit_room`). A room that cannot be joined is one `error` event, then the
+WebSocket voice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from avatar_service import livekit_room
 from avatar_service.driver import Speech, sentences_of
 from avatar_service.tts import PiperTts
 from common.bus import Bus
@@ -24,6 +31,8 @@ from common.models import (
     AvatarResumed,
     AvatarStartedTalking,
     AvatarStoppedTalking,
+    ErrorEvent,
+    LiveKitInfo,
     SessionConfig,
     SessionReady,
 )
@@ -32,6 +41,44 @@ from common.settings import Settings
 
 MOUTH_HOP_MS = 20
 T = TypeVar("T")
+log = logging.getLogger("avatar.local")
+
+
+class AudioSink(Protocol):
+    """Where one session's synthesized speech goes, chunk by chunk."""
+
+    async def send(self, pcm: bytes, meta: AvatarAudio) -> None:
+        """Queue one chunk (PCM16 mono at `meta.sample_rate`) to be played after the previous one."""
+
+    def clear(self) -> None:
+        """Barge-in: drop whatever has not been heard yet, at once."""
+
+    def pause(self) -> None:
+        """The user talks over the avatar: hold what is not heard yet (`resume` plays it on)."""
+
+    def resume(self) -> None:
+        """Play on from where `pause` held it."""
+
+
+class BusAudioSink:
+    """The default: `avatar.audio` + its PCM on the session's event stream, to the page's WebSocket
+    (the page drops an interrupted reply's chunks itself)."""
+
+    def __init__(self, bus: Bus, sid: str) -> None:
+        self.bus = bus
+        self.sid = sid
+
+    async def send(self, pcm: bytes, meta: AvatarAudio) -> None:
+        await self.bus.publish_event(self.sid, meta, pcm=pcm)
+
+    def clear(self) -> None:
+        return None
+
+    def pause(self) -> None:
+        return None  # the page freezes its own playback on `avatar.paused`
+
+    def resume(self) -> None:
+        return None
 
 
 class LocalAvatarDriver:
@@ -44,12 +91,16 @@ class LocalAvatarDriver:
             tts = PiperTts(settings=settings)
             tts.warm_up()
         self.tts = tts
+        self.rooms: set[livekit_room.AvatarRoom] = set()  # joined rooms, left when the worker stops
 
     async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> LocalAvatarSession:
         return LocalAvatarSession(self, session_id)
 
     async def aclose(self) -> None:
-        return None
+        # A worker going away leaves its rooms but keeps them: the session's next owner rejoins.
+        for room in list(self.rooms):
+            await room.leave(delete_room=False)
+        self.rooms.clear()
 
 
 class LocalAvatarSession:
@@ -62,16 +113,39 @@ class LocalAvatarSession:
         self._interrupted: asyncio.Event | None = None
         self._clock: _PlaybackClock | None = None
         self._reply_id = ""
+        self.room: livekit_room.AvatarRoom | None = None
+        self.sink: AudioSink = BusAudioSink(self.bus, sid)
 
     async def start(self) -> None:
+        settings = self.driver.settings
+        livekit = None
+        if livekit_room.configured(settings):
+            livekit = await self._join_room()
         await self.bus.publish_event(
             self.sid,
             SessionReady(
                 provider="local",
-                stt_provider=self.driver.settings.resolved_stt_provider(),
+                stt_provider=settings.resolved_stt_provider(),
                 audio_sample_rate=self.driver.tts.sample_rate,
+                livekit=livekit,
             ),
         )
+
+    async def _join_room(self) -> LiveKitInfo | None:
+        """Join the session's room (again, after a takeover); on failure say so once and use the bus."""
+        settings = self.driver.settings
+        try:
+            room = await livekit_room.AvatarRoom.join(
+                settings, livekit_room.room_name(settings, self.sid), self.driver.tts.sample_rate
+            )
+        except livekit_room.LiveKitUnavailable as exc:
+            log.warning("local avatar voice over the WebSocket: %s", exc.code, extra={"sid": self.sid})
+            await self.bus.publish_event(self.sid, ErrorEvent(code=exc.code, message=exc.message, fatal=False))
+            return None
+        self.room = room
+        self.driver.rooms.add(room)
+        self.sink = room.sink
+        return LiveKitInfo(url=livekit_room.public_url(settings), token=room.viewer_token())
 
     async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str:
         """Publish the reply chunk by chunk; return when the page has played it or on interrupt.
@@ -106,7 +180,7 @@ class LocalAvatarSession:
                             reply_id=reply_id, seq=seq, sample_rate=rate, samples=len(pcm) // 2,
                             mouth=mouth_envelope(pcm, rate, MOUTH_HOP_MS), mouth_hop_ms=MOUTH_HOP_MS,
                         )
-                        await self.bus.publish_event(self.sid, event, pcm=pcm)
+                        await self.sink.send(pcm, event)
                         begins = clock.queue(duration_s(pcm, rate))
                         if first:
                             starts.append((begins, sentence))
@@ -130,6 +204,7 @@ class LocalAvatarSession:
         if clock is None or clock.paused:
             return clock is not None
         clock.pause()
+        self.sink.pause()
         await self.bus.publish_event(self.sid, AvatarPaused(reply_id=self._reply_id))
         return True
 
@@ -138,9 +213,11 @@ class LocalAvatarSession:
         if clock is None or not clock.paused:
             return
         clock.resume()
+        self.sink.resume()
         await self.bus.publish_event(self.sid, AvatarResumed(reply_id=self._reply_id))
 
     async def interrupt(self) -> None:
+        self.sink.clear()
         if self._interrupted is not None:
             self._interrupted.set()
             if self._clock is not None:
@@ -153,7 +230,10 @@ class LocalAvatarSession:
         return None
 
     async def stop(self, reason: str) -> None:
-        return None
+        room, self.room = self.room, None
+        if room is not None:
+            self.driver.rooms.discard(room)
+            await room.leave(delete_room=True)
 
 
 class _PlaybackClock:

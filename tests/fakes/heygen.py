@@ -52,6 +52,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from tests.fakes.room_avatar import RoomAvatarHost
 from tests.fakes.server import ThreadedFake
 
 LIVEKIT_API_KEY = "devkey"  # `livekit-server --dev` credentials (reference §4.3)
@@ -129,8 +130,14 @@ class FakeHeyGen(ThreadedFake):
         task_max_chars: int = 1000,
         avatars: set[str] | None = None,
         livekit_url: str = "ws://127.0.0.1:7880",
+        room_avatars: RoomAvatarHost | None = None,
     ) -> None:
+        """`room_avatars`: a started session gets a real avatar participant (video, a voice while
+        it talks, the data-channel events) in its room on that test LiveKit server."""
         self.api_key = api_key
+        self.room_avatars = room_avatars
+        if room_avatars is not None:
+            livekit_url = room_avatars.url
         self.max_concurrent = max_concurrent
         self.capacity_status = capacity_status
         self.capacity_code = capacity_code
@@ -366,6 +373,8 @@ class FakeHeyGen(ThreadedFake):
                 raise FakeError(400, CODE_WRONG_STATE, "Session is not in correct state")
             s.status = "connected"
             s.last_activity = max(s.last_activity, now)
+            if self.room_avatars is not None:
+                self.room_avatars.join(sid, events=lambda: self.channel(sid))
             return ok(None)
         if s.status != "connected":
             raise FakeError(400, CODE_WRONG_STATE, "Session is not in correct state")
@@ -411,6 +420,8 @@ class FakeHeyGen(ThreadedFake):
         if s.status != "closed":
             self._cut(s, time.monotonic())
             s.status, s.closed_reason = "closed", reason
+            if self.room_avatars is not None:
+                self.room_avatars.leave(s.session_id)
 
     def _expire_idle(self, s: FakeSession) -> None:
         limit = self.idle_timeout_s if self.idle_timeout_s is not None else s.idle_timeout_s

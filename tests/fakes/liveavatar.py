@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
+from tests.fakes.room_avatar import RoomAvatarHost
 from tests.fakes.server import ThreadedFake
 
 UUID_RE = re.compile(r"^[0-9a-fA-F-]{36}$")
@@ -86,7 +87,13 @@ class FakeLiveAvatar(ThreadedFake):
     label = "fake LiveAvatar"
     ws_impl = "websockets"
 
-    def __init__(self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0) -> None:
+    def __init__(
+        self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0,
+        room_avatars: RoomAvatarHost | None = None,
+    ) -> None:
+        """`room_avatars`: a started session gets a real avatar participant in its room on that test
+        LiveKit server, publishing video and the audio it is sent (see `tests/fakes/room_avatar.py`)."""
+        self.room_avatars = room_avatars
         self.api_key = api_key
         self.connect_delay_s = connect_delay_s
         self.speech_speed = speech_speed
@@ -190,6 +197,12 @@ class FakeLiveAvatar(ThreadedFake):
             data = {"session_id": s.session_id, "livekit_url": self.livekit_url,
                     "livekit_client_token": "lk-client-" + s.session_id, "livekit_agent_token": "lk-agent-x",
                     "max_session_duration": s.request.get("max_session_duration"), "ws_url": ws_url}
+            host, room = self.room_avatars, s.session_id
+            if host is not None:  # a real room: the avatar joins it, the page gets a viewer token
+                data["livekit_url"] = host.url
+                data["livekit_client_token"] = host.viewer_token(room, f"client-{room[:8]}")
+                data["livekit_agent_token"] = host.token(f"agent-{room[:8]}", room)
+                host.join(room, topic="agent-response")
             return (*ok(data, 201), s.session_id)
         if (path in ("/v1/sessions/keep-alive", "/v1/sessions/stop") and method == "POST") or (
                 method == "DELETE" and path == "/v1/sessions"):
@@ -204,6 +217,8 @@ class FakeLiveAvatar(ThreadedFake):
             if s.status != "closed":
                 s.status = "closed"
                 s.stop_reason = body.get("reason", "UNKNOWN")
+                if self.room_avatars is not None:
+                    self.room_avatars.leave(s.session_id)
                 if s.ws is not None and s.ws_loop is not None:
                     asyncio.run_coroutine_threadsafe(_close(s.ws, 1000), s.ws_loop)
             return (*ok(None), s.session_id)
@@ -257,6 +272,13 @@ class FakeLiveAvatar(ThreadedFake):
                 kind, event_id = msg.get("type", ""), msg.get("event_id")
                 audio = base64.b64decode(msg["audio"]) if kind == "agent.speak" else b""
                 s.received.append(Received(kind, event_id, len(audio), time.monotonic()))
+                avatar = self.room_avatars.avatars.get(session_id) if self.room_avatars is not None else None
+                if avatar is not None and kind == "agent.speak" and event_id:
+                    avatar.say(audio, event_id)
+                elif avatar is not None and kind == "agent.speak_end" and event_id:
+                    avatar.end(event_id)
+                elif avatar is not None and kind == "agent.interrupt":
+                    avatar.interrupt()
                 if kind == "agent.speak" and event_id:
                     s.audio.setdefault(event_id, bytearray()).extend(audio)
                     s.audio.setdefault(event_id + ":buffer", bytearray()).extend(audio)
