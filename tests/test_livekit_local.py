@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import jwt
 import pytest
@@ -17,6 +18,8 @@ import pytest
 from avatar_service.livekit_room import AVATAR_IDENTITY, MOUTH_TOPIC
 from avatar_stack.up import free_port
 from common import keys
+from common.bus import dump
+from common.models import UserSpeech
 from tests.client import Browser, create_session
 from tests.conftest import Stack
 from tests.livekit_util import LiveKitServer, RoomListener
@@ -89,6 +92,33 @@ async def test_barge_in_silences_the_track_at_once(lk_stack: Stack):
         late = listener.loud_frames(AVATAR_IDENTITY) - loud_at_stop
         print(f"\n[livekit] loud 10 ms frames after the interrupt: {late}")
         assert not tail, after  # silent at most 300 ms of track time after the stop event
+    finally:
+        await listener.close()
+        await browser.close()
+
+
+async def test_a_pause_holds_the_track_and_a_resume_plays_on(lk_stack: Stack):
+    """Words over the avatar (what the STT worker publishes for an interim) pause the voice in
+    the room; no turn follows, so it resumes and finishes its reply."""
+    browser, ready = await open_page(lk_stack)
+    listener = RoomListener()
+    await listener.connect(ready["livekit"]["url"], ready["livekit"]["token"])
+    try:
+        await browser.send_json({"type": "text", "text": "Tell me everything about avatar stack and how it scales."})
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > 30, GUARD_S, "the avatar's voice")
+        sid = browser.session.session_id
+        words = UserSpeech(utterance_id="u999999999", text="hold on there", started_at=int(time.time() * 1000))
+        lk_stack.redis().xadd(keys.turns(sid), {"t": dump(words)})
+        await browser.wait_type("avatar.paused", GUARD_S)
+        at_pause = len(listener.levels[AVATAR_IDENTITY])
+        await listener.wait(lambda: len(listener.levels[AVATAR_IDENTITY]) > at_pause + 100, 30, "the track to go on")
+        held = listener.levels[AVATAR_IDENTITY][at_pause + 30 : at_pause + 100]
+        assert not [level for level in held if level > 300], held  # quiet while paused
+        await browser.wait_type("avatar.resumed", GUARD_S)
+        loud_at_resume = listener.loud_frames(AVATAR_IDENTITY)
+        await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > loud_at_resume + 30, 30, "the rest")
+        stopped = await browser.wait_type("avatar.stopped_talking", GUARD_S)
+        assert stopped["interrupted"] is False
     finally:
         await listener.close()
         await browser.close()
