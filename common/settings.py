@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     def resolved_avatar_provider(self) -> str:
         if self.avatar_provider != "auto":
             return self.avatar_provider
-        if self.heygen_api_key:
-            return "heygen"
+        # LiveAvatar only: HeyGen is deprecating its Interactive Avatar streaming API in favour of
+        # LiveAvatar, so the legacy `heygen` provider is used only when chosen explicitly.
         if self.liveavatar_api_key:
             return "liveavatar"
         return "local"
