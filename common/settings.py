@@ -21,7 +21,7 @@ class Settings(BaseSettings):
 
     # Providers
     stt_provider: Literal["auto", "local", "deepgram"] = "auto"
-    avatar_provider: Literal["auto", "local", "heygen", "liveavatar"] = "auto"
+    avatar_provider: str = "auto"  # auto | local | a module of avatar_service/providers (liveavatar, heygen)
 
     # Deepgram
     deepgram_api_key: SecretStr | None = None
@@ -52,12 +52,14 @@ class Settings(BaseSettings):
     heygen_kb_prompt_file: str = ""  # empty = the bundled knowledge file
     heygen_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
     heygen_reaper_grace_s: float = Field(default=60.0, ge=0)
+    heygen_video_encoding: Literal["VP8", "H264"] = "H264"  # as HeyGen's own SDK sends
+    heygen_expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` before `session_duration_limit`
     liveavatar_api_key: SecretStr | None = None
     liveavatar_server_url: str = "https://api.liveavatar.com"
     liveavatar_avatar_id: str = ""  # uuid; the sandbox works only with dd73ea75-1218-4ef3-92ce-606d5f7fbc0a
     liveavatar_sandbox: bool = False  # `is_sandbox`: free ~1 minute sessions for development
     liveavatar_video_quality: Literal["very_high", "high", "medium", "low"] = "high"
-    liveavatar_video_encoding: Literal["VP8", "H264"] = "VP8"
+    liveavatar_video_encoding: Literal["VP8", "H264"] = "H264"  # the API's default
     liveavatar_max_session_s: int = Field(default=0, ge=0)  # 0 = the plan's limit
     liveavatar_keepalive_s: float = Field(default=60.0, gt=0)  # `session.keep_alive` after this long idle
     liveavatar_http_timeout_s: float = Field(default=10.0, ge=1)
@@ -67,6 +69,7 @@ class Settings(BaseSettings):
     liveavatar_stop_grace_s: float = Field(default=2.0, ge=0)  # wait past the audio for `speak_ended`
     liveavatar_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
     liveavatar_reaper_grace_s: float = Field(default=60.0, ge=0)
+    liveavatar_expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` this long before the limit
 
     # Brain: an OpenAI-compatible chat-completions server; empty LLM_BASE_URL = the local Q&A responder
     llm_base_url: str = ""  # e.g. https://api.openai.com/v1, http://127.0.0.1:8080/v1 (llama.cpp)

@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
+from avatar_service.providers.cloud import VendorLedger
 from avatar_service.providers.heygen import (
     F_STARTED,
     F_VENDOR_ID,
@@ -104,6 +105,7 @@ class Rig:
         self.store = SessionStore(r, self.bus)
         self.driver = HeyGenAvatarDriver(self.settings, self.bus)
         self.relays: list[asyncio.Task[None]] = []
+        self.closers: list[Callable[[], Any]] = []
 
     async def new_sid(self) -> str:
         sid, _token = await self.store.create(SessionConfig())
@@ -114,7 +116,7 @@ class Rig:
 
     def vendor_id(self, session: HeyGenAvatarSession) -> str:
         assert session.vendor is not None
-        return session.vendor.session_id
+        return session.vendor.vendor_id
 
     def relay(self, session: HeyGenAvatarSession) -> None:
         """Relay the vendor's data-channel events to the session, as the page does."""
@@ -134,6 +136,8 @@ class Rig:
         for task in self.relays:
             task.cancel()
         await asyncio.gather(*self.relays, return_exceptions=True)
+        for close in self.closers:
+            await close()
         await self.driver.aclose()
 
 
@@ -235,7 +239,7 @@ async def test_start_creates_the_session_and_publishes_only_what_the_browser_nee
     new = fake.calls_to("/v1/streaming.new")[-1].body
     [kb_id] = fake.knowledge_bases
     assert new == {
-        "version": "v2", "quality": "high", "language": "en", "activity_idle_timeout": 300,
+        "version": "v2", "quality": "high", "language": "en", "activity_idle_timeout": 300, "video_encoding": "H264",
         "avatar_id": "Anna_public", "voice": {"rate": 1.0, "emotion": "Friendly"}, "knowledge_base_id": kb_id,
     }
     assert "avatar-stack" in fake.knowledge_bases[kb_id]["prompt"]  # the bundled knowledge file
@@ -426,7 +430,7 @@ async def test_a_new_owner_resumes_the_live_vendor_session(
     first = await rig().open()
     await first.start()
     first.release()  # the first worker is gone without stopping it
-    vendor_id = first.vendor.session_id if first.vendor else ""
+    vendor_id = first.vendor.vendor_id if first.vendor else ""
     second = await rig().open(first.sid, resumed=True)
     await second.start()
     assert second.vendor == first.vendor
@@ -444,15 +448,15 @@ async def test_a_new_owner_replaces_a_vendor_session_that_is_gone(
     first = await rig().open()
     await first.start()
     first.release()
-    old = first.vendor.session_id if first.vendor else ""
+    old = first.vendor.vendor_id if first.vendor else ""
     fake.close(old)  # e.g. its idle timeout passed while no worker held it
     second = await rig().open(first.sid, resumed=True)
     await second.start()
-    assert second.vendor is not None and second.vendor.session_id != old
-    assert (await second.store.get(first.sid) or {})[F_VENDOR_ID] == second.vendor.session_id
+    assert second.vendor is not None and second.vendor.vendor_id != old
+    assert (await second.store.get(first.sid) or {})[F_VENDOR_ID] == second.vendor.vendor_id
     ready = [e for e in await events_of(r, first.sid) if e["type"] == "session.ready"]
-    assert ready[-1]["livekit"]["token"] == fake.session(second.vendor.session_id).access_token
-    assert fake.open_sessions() == [second.vendor.session_id]
+    assert ready[-1]["livekit"]["token"] == fake.session(second.vendor.vendor_id).access_token
+    assert fake.open_sessions() == [second.vendor.vendor_id]
     await second.stop("test")
 
 
@@ -462,7 +466,7 @@ async def test_when_no_replacement_can_be_had_the_error_is_clear_and_nothing_lea
     first = await rig().open()
     await first.start()
     first.release()
-    fake.close(first.vendor.session_id if first.vendor else "")
+    fake.close(first.vendor.vendor_id if first.vendor else "")
     fake.max_concurrent = 0
     second = await rig().open(first.sid, resumed=True)
     with pytest.raises(AvatarError) as failed:
@@ -513,7 +517,7 @@ async def test_a_vendor_session_that_dies_ends_our_session(
     session = await h.open()
     await session.start()
     fake.close(h.vendor_id(session))
-    await until(lambda: session._lost_once)
+    await until(lambda: session._ending)
     record = await until_record(h.store, session.sid, lambda rec: rec.get(keys.F_STATE) == "ended")
     assert record[keys.F_ENDED_REASON] == "avatar_lost"
     assert [e["code"] for e in await events_of(r, session.sid) if e["type"] == "error"] == ["avatar_lost"]
@@ -532,32 +536,52 @@ async def until_record(store: SessionStore, sid: str, ok: Callable[[dict[str, st
 # ---------------------------------------------------------------- reaper
 
 
-async def test_reaper_stops_only_orphans(rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis) -> None:
+async def test_reaper_stops_only_our_orphans(rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis) -> None:
     h = rig()
+    ledger = VendorLedger(r, "heygen")
     live = await h.open()
-    await live.start()  # owned by a live session: kept
+    await live.start()  # ours, owned by a live session: kept
     live.release()
-    orphan = fake.add_session(age_s=600)  # nobody's: stopped
-    young = fake.add_session(age_s=1)  # nobody's yet, but maybe being created: kept
-    ended_sid = await h.new_sid()  # owned by a session that has ended: stopped
+    foreign = fake.add_session(age_s=600)  # on the key but not started by this deployment: never stopped
+    ended_sid = await h.new_sid()  # ours, owned by a session that has ended: stopped
     owned_by_ended = fake.add_session(age_s=600)
+    await ledger.record(owned_by_ended, ended_sid, at=time.time() - 600)
     await h.store.set_fields(ended_sid, **{F_VENDOR_ID: owned_by_ended})
     await h.store.end(ended_sid, "deleted")
-    reaped = await reap_once(r, h.driver.client, grace_s=60)
-    assert sorted(reaped) == sorted([orphan, owned_by_ended])
-    assert sorted(fake.open_sessions()) == sorted([h.vendor_id(live), young])
+    crashed = fake.add_session(age_s=600)  # ours: recorded, then Redis lost the session hash
+    await ledger.record(crashed, "no-such-session", at=time.time() - 600)
+    young = fake.add_session(age_s=1)  # ours, recorded a moment ago: maybe still being started, kept
+    await ledger.record(young, "no-such-session")
+    reaped = await reap_once(await _reaping(h), grace_s=60, r=r)
+    assert sorted(reaped) == sorted([owned_by_ended, crashed])
+    assert sorted(fake.open_sessions()) == sorted([h.vendor_id(live), foreign, young])
+    assert set(await ledger.entries()) == {h.vendor_id(live), young}  # what was stopped is forgotten
+
+
+async def _reaping(h: Rig) -> Any:
+    from avatar_service.providers import make_reaping
+
+    target = make_reaping(h.settings)
+    assert target is not None
+    h.closers.append(target.aclose)
+    return target
 
 
 async def test_run_reaper_passes_at_start_then_periodically(
     fake: FakeHeyGen, r: aioredis.Redis, clean_redis: str
 ) -> None:
     settings = settings_for(fake, clean_redis, heygen_reaper_interval_s=0.1, heygen_reaper_grace_s=0.0)
+    ledger = VendorLedger(r, "heygen")
     stop = asyncio.Event()
     early = fake.add_session(age_s=600)
+    await ledger.record(early, "gone-session", at=time.time() - 600)
+    foreign = fake.add_session(age_s=600)
     reaper = asyncio.create_task(run_reaper(r, settings, stop))
     await until(lambda: fake.session(early).status == "closed")
     late = fake.add_session()
+    await ledger.record(late, "gone-session")
     await until(lambda: fake.session(late).status == "closed")
+    assert fake.session(foreign).status != "closed"
     stop.set()
     await asyncio.wait_for(reaper, GUARD_S)
 
@@ -930,9 +954,12 @@ class TestTakeover:
         browser = await run.browser()
         await browser.wait_type("session.ready")
         mine = run.vendor_id(browser.session.session_id)
-        orphan = fake.add_session(age_s=600)
+        orphan = fake.add_session(age_s=600)  # ours: recorded by a worker that died, no live session owns it
+        run.stack.redis().hset(keys.vendor_sessions("heygen"), orphan, orjson.dumps({"sid": "gone", "at": 0}))
+        foreign = fake.add_session(age_s=600)  # another app's session on the same key
         await until(lambda: fake.session(orphan).status == "closed")
         assert fake.session(mine).status == "connected"  # owned by a live session: never reaped
+        assert fake.session(foreign).status != "closed"  # not ours: never reaped
         await run.delete(browser)
         await browser.close()
 

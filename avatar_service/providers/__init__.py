@@ -1,19 +1,37 @@
-"""Avatar drivers, one module per vendor; `make_driver` picks one from the settings."""
+"""Avatar drivers, one module per vendor, found by name: `AVATAR_PROVIDER=x` loads `providers/x.py`.
+
+A cloud vendor's module offers `make_driver(settings, bus)` and `make_reaping(settings)`; nothing
+here or in the reaper names a vendor, so adding one touches only its own module and its fake.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from avatar_service.driver import AvatarDriver
 from common.bus import Bus
 from common.settings import Settings
 
+if TYPE_CHECKING:
+    from avatar_service.providers.cloud import Reaping
+
 log = logging.getLogger(__name__)
 
-HEYGEN_DEPRECATED = (
-    "AVATAR_PROVIDER=heygen uses HeyGen's legacy Interactive Avatar streaming API, which HeyGen is "
-    "deprecating in favour of LiveAvatar; move to AVATAR_PROVIDER=liveavatar (LIVEAVATAR_API_KEY)"
-)
+NOT_PROVIDERS = {"cloud", "vendor_api"}
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_PROVIDERS)
+
+
+def _module(provider: str) -> ModuleType:
+    if provider not in available():
+        raise SystemExit(f"AVATAR_PROVIDER={provider} is not available; use one of: auto, {', '.join(available())}")
+    return importlib.import_module(f"{__name__}.{provider}")
 
 
 def make_driver(settings: Settings, bus: Bus) -> AvatarDriver:
@@ -21,19 +39,10 @@ def make_driver(settings: Settings, bus: Bus) -> AvatarDriver:
     if settings.avatar_provider == "auto" and settings.heygen_api_key and provider == "local":
         log.warning("HEYGEN_API_KEY is set but AVATAR_PROVIDER=auto never picks the deprecated HeyGen "
                     "Interactive Avatar; set AVATAR_PROVIDER=heygen to use it, or LIVEAVATAR_API_KEY")
-    if provider == "heygen":
-        log.warning(HEYGEN_DEPRECATED)
-        from avatar_service.providers.heygen import HeyGenAvatarDriver
+    return _module(provider).make_driver(settings, bus)
 
-        return HeyGenAvatarDriver(settings, bus)
-    if provider == "liveavatar":
-        from avatar_service.providers.liveavatar import LiveAvatarDriver
 
-        return LiveAvatarDriver(settings, bus)
-    if provider != "local":
-        raise SystemExit(
-            f"AVATAR_PROVIDER={provider} is not available in this build yet; use AVATAR_PROVIDER=local"
-        )
-    from avatar_service.providers.local import LocalAvatarDriver
-
-    return LocalAvatarDriver(settings, bus)
+def make_reaping(settings: Settings) -> Reaping | None:
+    """The configured cloud vendor's reaping, or None (local avatar, no key, or turned off)."""
+    make = getattr(_module(settings.resolved_avatar_provider()), "make_reaping", None)
+    return make(settings) if make is not None else None

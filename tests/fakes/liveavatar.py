@@ -1,20 +1,37 @@
 """A fake of HeyGen LiveAvatar (REST + the LITE-mode WebSocket), on loopback, for tests.
 
-Per `../shared/reference/vendor-protocols.md` §3 and the fake-server notes §3.8:
-- `POST /v1/sessions/token` needs `X-API-KEY`; `mode` ∈ FULL/LITE/CUSTOM, `avatar_id` a uuid (422
-  otherwise); answers `{code: 1000, data: {session_id, session_token}}`.
-- `POST /v1/sessions/start` needs `Bearer <session_token>`, once per token; 201 with LiveKit url and
-  tokens and a `ws_url` pointing at this fake (LITE).
-- `POST /v1/sessions/keep-alive`, `POST /v1/sessions/stop` (`reason`), `DELETE /v1/sessions`
-  (Bearer), `GET /v1/sessions?type=active`. Stop is idempotent and closes the socket with 1000.
-- WS: `session.state_updated connecting`, then `connected` after `connect_delay_s`; commands
-  received before that are dropped and counted (`dropped`). `agent.speak` → `agent.speak_started`
-  once per event_id; `agent.speak_end` → `agent.speak_ended` after the buffered audio's duration
-  (bytes / 48 000 s, times `speech_speed`); `agent.interrupt` drops the buffer. A new socket for
-  the same session replaces the old one (a new owner reconnecting).
+Written from LiveAvatar's published contract (its OpenAPI, the LITE events page, the web SDK),
+not from our client:
 
-Records: `calls` (no secrets), and per session `received` (every command after `connected`, the
-audio as its decoded length), `audio` (event_id → decoded PCM), `stop_reason`, `status`.
+- `POST /v1/sessions/token` needs `X-API-KEY`; `mode` ∈ FULL/LITE (legacy CUSTOM = LITE), `avatar_id`
+  a uuid (422 otherwise); answers `{code: 1000, data: {session_id, session_token}}`. Sessions our
+  client makes are `source: API`.
+- `POST /v1/sessions/start` needs `Bearer <session_token>`, once per token; 201 with the LiveKit url
+  and tokens, `max_session_duration` (the request's, else the plan's `plan_limit_s`, else the
+  sandbox's `sandbox_limit_s`; null when there is none) and `ws_url` (LITE only, null in FULL).
+- **Duration limits really end sessions**: at the limit the socket gets `session.state_updated`
+  `closing` then `closed` and is closed with 1000; the session is `closed` with reason
+  `MAX_DURATION_REACHED`. Keep-alive and stop on a closed session answer "session closed".
+- `GET /v1/sessions?type=active|historic&page&page_size` is **account-wide and paged**: every
+  session of the key, whoever started it (`source` API/DEMO/APP/EMBED, `mode`, `is_sandbox`),
+  20 a page by default (≤ 100), `{count, next, previous, results}` with `next`/`previous` as URLs.
+- `POST /v1/sessions/keep-alive`, `POST /v1/sessions/stop` (`reason`), `DELETE /v1/sessions`
+  (Bearer). Stop is idempotent.
+- WS: `session.state_updated connecting`, then `connected` after `connect_delay_s`; commands
+  received before that are dropped and counted (`dropped`). The avatar's state/buffer stream, as
+  real sessions send it: `agent.speak` → `agent.audio_buffer_appended` (ack, `source_event_id`),
+  the first one also `agent.state_updated` idle→talking; `agent.speak_end` →
+  `agent.audio_buffer_committed`, then after the buffered audio's duration (bytes / 48 000 s,
+  times `speech_speed`) `agent.state_updated` talking→idle; `agent.interrupt` →
+  `agent.audio_buffer_cleared` (`source_event_id` = the interrupt's `event_id`) and talking→idle;
+  `agent.start_listening` / `stop_listening` → state listening / idle. The documented
+  `agent.speak_started` / `agent.speak_ended` are sent only with `speak_events=True` (real sessions
+  may not send them: livekit/agents#7232); `state_events=False` leaves only those.
+
+Every session starts in `_begin` and ends in `_end` (one place each, for hooks such as publishing
+into a real LiveKit room). Records: `calls` (no secrets), and per session `received` (every
+command after `connected`, the audio as its decoded length), `audio` (event_id → decoded PCM),
+`sent` (events sent on the socket), `stop_reason`, `status`.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -36,6 +54,7 @@ from tests.fakes.server import ThreadedFake
 
 UUID_RE = re.compile(r"^[0-9a-fA-F-]{36}$")
 SANDBOX_AVATAR = "dd73ea75-1218-4ef3-92ce-606d5f7fbc0a"
+SOURCES = ("API", "DEMO", "APP", "EMBED")
 
 
 @dataclass(frozen=True)
@@ -63,15 +82,19 @@ class FakeSession:
     ws_token: str
     request: dict[str, Any]
     created_at: float
+    source: str = "API"
     status: str = "created"  # created | started | closed
     stop_reason: str | None = None
+    limit_s: float | None = None
     sockets: int = 0
     dropped: int = 0
     refuse_sockets: bool = False
     received: list[Received] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)
     audio: dict[str, bytearray] = field(default_factory=dict)
     ws: WebSocket | None = None
     ws_loop: asyncio.AbstractEventLoop | None = None
+    timer: asyncio.TimerHandle | None = None
 
     @property
     def utterances(self) -> dict[str, bytes]:
@@ -81,21 +104,36 @@ class FakeSession:
     def of_type(self, kind: str) -> list[Received]:
         return [r for r in self.received if r.type == kind]
 
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.sent if e.get("type") == kind]
+
+    @property
+    def mode(self) -> str:
+        mode = str(self.request.get("mode", "LITE"))
+        return "LITE" if mode == "CUSTOM" else mode
+
 
 class FakeLiveAvatar(ThreadedFake):
     label = "fake LiveAvatar"
     ws_impl = "websockets"
 
-    def __init__(self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0) -> None:
+    def __init__(self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0,
+                 speak_events: bool = True, state_events: bool = True, plan_limit_s: float | None = None,
+                 sandbox_limit_s: float = 60.0) -> None:
         self.api_key = api_key
         self.connect_delay_s = connect_delay_s
         self.speech_speed = speech_speed
+        self.speak_events = speak_events
+        self.state_events = state_events
+        self.plan_limit_s = plan_limit_s
+        self.sandbox_limit_s = sandbox_limit_s
         self.livekit_url = "ws://127.0.0.1:7880"
         self.calls: list[Call] = []
         self.sessions: dict[str, FakeSession] = {}
         self._by_token: dict[str, str] = {}
         self._failures: dict[str, list[int]] = {}
         self._lock = threading.RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
         self.app = FastAPI()
         self.app.add_api_websocket_route("/v1/ws/{session_id}", self._ws)
@@ -122,22 +160,60 @@ class FakeLiveAvatar(ThreadedFake):
         if s.ws is not None and s.ws_loop is not None:
             asyncio.run_coroutine_threadsafe(_close(s.ws, code), s.ws_loop).result(5)
 
-    def add_session(self, age_s: float = 0.0) -> str:
-        """A started session nobody in the stack owns (a leak)."""
+    def expire(self, session_id: str, reason: str = "MAX_DURATION_REACHED") -> None:
+        """The vendor ends the session now (its duration limit, credits, …), as it does at the limit.
+        Does not wait: the closing handshake needs the client, which may run on the caller's loop."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self._end(self.sessions[session_id], reason), self._loop)
+
+    def add_session(self, age_s: float = 0.0, *, source: str = "API", mode: str = "LITE",
+                    sandbox: bool = False) -> str:
+        """A started session on the account that no stack started here: another app's (DEMO, APP,
+        EMBED) or another deployment's (API), or a leak of ours once its id is in our ledger."""
         with self._lock:
-            s = self._new({"mode": "LITE", "avatar_id": SANDBOX_AVATAR}, time.time() - age_s)
+            s = self._new({"mode": mode, "avatar_id": SANDBOX_AVATAR, "is_sandbox": sandbox}, time.time() - age_s,
+                          source)
             s.status = "started"
             return s.session_id
 
+    def active(self) -> list[FakeSession]:
+        return [s for s in self.sessions.values() if s.status == "started"]
+
+    # ---- the one place a session starts and the one place it ends
+
+    def _begin(self, s: FakeSession) -> None:
+        s.status = "started"
+        limit = s.request.get("max_session_duration") or self.plan_limit_s or (
+            self.sandbox_limit_s if s.request.get("is_sandbox") else None)
+        s.limit_s = float(limit) if limit else None
+        if s.limit_s:
+            loop = asyncio.get_running_loop()
+            s.timer = loop.call_later(s.limit_s, lambda: loop.create_task(self._end(s, "MAX_DURATION_REACHED")))
+
+    async def _end(self, s: FakeSession, reason: str) -> None:
+        if s.status == "closed":
+            return
+        s.status = "closed"
+        s.stop_reason = reason
+        if s.timer is not None:
+            s.timer.cancel()
+        if s.ws is not None and s.ws_loop is not None:
+            ws = s.ws
+            for state in ("closing", "closed"):
+                await _send_on(s, {"type": "session.state_updated", "state": state}, ws)
+            await _close(ws, 1000)
+
     # ---- REST
 
-    def _new(self, body: dict[str, Any], created_at: float) -> FakeSession:
-        s = FakeSession(str(uuid.uuid4()), "st-" + uuid.uuid4().hex, "ws-" + uuid.uuid4().hex, body, created_at)
+    def _new(self, body: dict[str, Any], created_at: float, source: str = "API") -> FakeSession:
+        s = FakeSession(str(uuid.uuid4()), "st-" + uuid.uuid4().hex, "ws-" + uuid.uuid4().hex, body, created_at,
+                        source)
         self.sessions[s.session_id] = s
         self._by_token[s.token] = s.session_id
         return s
 
     async def _handle(self, path: str, request: Request) -> JSONResponse:
+        self._loop = asyncio.get_running_loop()
         path = "/" + path
         raw = await request.body()
         try:
@@ -157,62 +233,82 @@ class FakeLiveAvatar(ThreadedFake):
         else:
             auth = "none"
         with self._lock:
-            status, payload, sid = self._route(request.method, path, body, auth, bearer_sid, request)
+            status, payload, sid, ending = self._route(request.method, path, body, auth, bearer_sid, request)
             clean = {k: v for k, v in body.items() if "token" not in k and "key" not in k}
             self.calls.append(Call(request.method, path, clean, auth, status, sid))
+        if ending is not None:
+            await self._end(*ending)
         return JSONResponse(payload, status_code=status)
 
     def _route(self, method: str, path: str, body: dict[str, Any], auth: str, bearer_sid: str | None,
-               request: Request) -> tuple[int, dict[str, Any], str | None]:
+               request: Request) -> tuple[int, dict[str, Any], str | None, tuple[FakeSession, str] | None]:
         failures = self._failures.get(path)
         if failures:
-            return failures.pop(0), {"code": 5000, "message": "Service temporarily unavailable"}, None
+            return failures.pop(0), {"code": 5000, "message": "Service temporarily unavailable"}, None, None
         if auth in ("none", "bad"):
-            return 401, {"code": 4010, "message": "Invalid API key"}, None
-        ok = lambda data, status=200: (status, {"code": 1000, "data": data, "message": "success"})  # noqa: E731
+            return 401, {"code": 4010, "message": "Invalid API key"}, None, None
+
+        def ok(data: Any, status: int = 200, sid: str | None = None, ending: Any = None) -> Any:
+            return status, {"code": 1000, "data": data, "message": "success"}, sid, ending
+
         if method == "POST" and path == "/v1/sessions/token":
             if auth != "api_key":
-                return 401, {"code": 4010, "message": "API key required"}, None
+                return 401, {"code": 4010, "message": "API key required"}, None, None
             mode = body.get("mode")
             if mode not in ("FULL", "LITE", "CUSTOM") or not UUID_RE.match(str(body.get("avatar_id", ""))):
-                return 422, {"detail": [{"loc": ["body", "avatar_id"], "msg": "invalid", "type": "value_error"}]}, None
+                detail = [{"loc": ["body", "avatar_id"], "msg": "invalid", "type": "value_error"}]
+                return 422, {"detail": detail}, None, None
             s = self._new(body, time.time())
-            return (*ok({"session_id": s.session_id, "session_token": s.token}), s.session_id)
+            return ok({"session_id": s.session_id, "session_token": s.token}, sid=s.session_id)
         if method == "POST" and path == "/v1/sessions/start":
             s = self.sessions.get(bearer_sid or "")
             if s is None:
-                return 401, {"code": 4010, "message": "session token required"}, None
+                return 401, {"code": 4010, "message": "session token required"}, None, None
             if s.status != "created":
-                return 400, {"code": 4000, "message": "session already started"}, s.session_id
-            s.status = "started"
-            lite = s.request.get("mode") in ("LITE", "CUSTOM")
-            ws_url = f"ws://127.0.0.1:{self.port}/v1/ws/{s.session_id}?token={s.ws_token}" if lite else None
+                return 400, {"code": 4000, "message": "session already started"}, s.session_id, None
+            self._begin(s)
+            ws_url = f"ws://127.0.0.1:{self.port}/v1/ws/{s.session_id}?token={s.ws_token}" if s.mode == "LITE" else None
             data = {"session_id": s.session_id, "livekit_url": self.livekit_url,
                     "livekit_client_token": "lk-client-" + s.session_id, "livekit_agent_token": "lk-agent-x",
-                    "max_session_duration": s.request.get("max_session_duration"), "ws_url": ws_url}
-            return (*ok(data, 201), s.session_id)
+                    "max_session_duration": int(s.limit_s) if s.limit_s else None, "ws_url": ws_url}
+            return ok(data, 201, s.session_id)
         if (path in ("/v1/sessions/keep-alive", "/v1/sessions/stop") and method == "POST") or (
                 method == "DELETE" and path == "/v1/sessions"):
             sid = body.get("session_id") or bearer_sid
             s = self.sessions.get(str(sid))
             if s is None:
-                return 404, {"code": 4004, "message": "session not found"}, None
+                return 404, {"code": 4004, "message": "session not found"}, None, None
             if path.endswith("keep-alive"):
                 if s.status != "started":
-                    return 400, {"code": 4000, "message": "session closed"}, s.session_id
-                return (*ok(None), s.session_id)
-            if s.status != "closed":
-                s.status = "closed"
-                s.stop_reason = body.get("reason", "UNKNOWN")
-                if s.ws is not None and s.ws_loop is not None:
-                    asyncio.run_coroutine_threadsafe(_close(s.ws, 1000), s.ws_loop)
-            return (*ok(None), s.session_id)
+                    return 400, {"code": 4000, "message": "session closed"}, s.session_id, None
+                return ok(None, sid=s.session_id)
+            return ok(None, sid=s.session_id, ending=(s, str(body.get("reason", "UNKNOWN"))))
         if method == "GET" and path == "/v1/sessions":
-            kind = request.query_params.get("type", "active")
-            items = [{"session_id": s.session_id, "status": s.status, "created_at": s.created_at}
-                     for s in self.sessions.values() if (s.status == "started") == (kind == "active")]
-            return (*ok({"count": len(items), "results": items}), None)
-        return 404, {"code": 4040, "message": "not found"}, None
+            return ok(self._page(request), sid=None)
+        return 404, {"code": 4040, "message": "not found"}, None, None
+
+    def _page(self, request: Request) -> dict[str, Any]:
+        q = request.query_params
+        kind = q.get("type", "active")
+        page, size = max(1, int(q.get("page", 1))), min(100, max(1, int(q.get("page_size", 20))))
+        items = sorted((s for s in self.sessions.values() if (s.status == "started") == (kind == "active")
+                        and s.status != "created"), key=lambda s: s.created_at)
+        chunk = items[(page - 1) * size: page * size]
+
+        def link(n: int) -> str:
+            return f"{self.base_url}/v1/sessions?type={kind}&page={n}&page_size={size}"
+
+        return {
+            "count": len(items),
+            "next": link(page + 1) if page * size < len(items) else None,
+            "previous": link(page - 1) if page > 1 else None,
+            "results": [{
+                "id": s.session_id, "created_at": datetime.fromtimestamp(s.created_at, UTC).isoformat(),
+                "updated_at": datetime.fromtimestamp(s.created_at, UTC).isoformat(),
+                "duration": int(time.time() - s.created_at), "source": s.source, "mode": s.mode,
+                "is_sandbox": bool(s.request.get("is_sandbox")), "credits_consumed": 0,
+            } for s in chunk],
+        }
 
     # ---- WebSocket
 
@@ -226,15 +322,19 @@ class FakeLiveAvatar(ThreadedFake):
             await _close(s.ws, 1000)
         s.ws, s.ws_loop = websocket, asyncio.get_running_loop()
         s.sockets += 1
-        state = {"connected": False}
+        state = {"connected": False, "avatar": "idle"}
         ends: dict[str, asyncio.Task[None]] = {}
         started: set[str] = set()
 
         async def send(payload: dict[str, Any]) -> None:
-            try:
-                await websocket.send_text(json.dumps(payload))
-            except Exception:
-                pass
+            await _send_on(s, payload, websocket)
+
+        async def to_state(new: str) -> None:
+            if state["avatar"] != new:
+                old, state["avatar"] = state["avatar"], new
+                if self.state_events:
+                    await send({"type": "agent.state_updated", "event_id": uuid.uuid4().hex,
+                                "previous_state": old, "new_state": new})
 
         async def connect() -> None:
             await send({"type": "session.state_updated", "state": "connecting"})
@@ -245,7 +345,9 @@ class FakeLiveAvatar(ThreadedFake):
         async def end_later(event_id: str, seconds: float) -> None:
             await asyncio.sleep(seconds * self.speech_speed)
             s.audio.pop(event_id + ":buffer", None)
-            await send({"type": "agent.speak_ended", "event_id": event_id, "task": {"id": event_id}})
+            if self.speak_events:
+                await send({"type": "agent.speak_ended", "event_id": event_id, "task": {"id": event_id}})
+            await to_state("idle")
 
         connecting = asyncio.create_task(connect())
         try:
@@ -260,10 +362,16 @@ class FakeLiveAvatar(ThreadedFake):
                 if kind == "agent.speak" and event_id:
                     s.audio.setdefault(event_id, bytearray()).extend(audio)
                     s.audio.setdefault(event_id + ":buffer", bytearray()).extend(audio)
+                    await send({"type": "agent.audio_buffer_appended", "event_id": uuid.uuid4().hex,
+                                "source_event_id": event_id})
                     if event_id not in started:
                         started.add(event_id)
-                        await send({"type": "agent.speak_started", "event_id": event_id, "task": {"id": event_id}})
+                        await to_state("talking")
+                        if self.speak_events:
+                            await send({"type": "agent.speak_started", "event_id": event_id, "task": {"id": event_id}})
                 elif kind == "agent.speak_end" and event_id:
+                    await send({"type": "agent.audio_buffer_committed", "event_id": uuid.uuid4().hex,
+                                "source_event_id": event_id})
                     buffered = len(s.audio.get(event_id + ":buffer", b""))
                     ends[event_id] = asyncio.create_task(end_later(event_id, buffered / 48_000))
                 elif kind == "agent.interrupt":
@@ -271,6 +379,13 @@ class FakeLiveAvatar(ThreadedFake):
                         task.cancel()
                     for k in [k for k in s.audio if k.endswith(":buffer")]:
                         del s.audio[k]
+                    await send({"type": "agent.audio_buffer_cleared", "event_id": uuid.uuid4().hex,
+                                "source_event_id": event_id})
+                    await to_state("idle")
+                elif kind == "agent.start_listening":
+                    await to_state("listening")
+                elif kind == "agent.stop_listening":
+                    await to_state("idle")
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
@@ -279,6 +394,14 @@ class FakeLiveAvatar(ThreadedFake):
                 task.cancel()
             if s.ws is websocket:
                 s.ws = None
+
+
+async def _send_on(s: FakeSession, payload: dict[str, Any], ws: WebSocket) -> None:
+    try:
+        await ws.send_text(json.dumps(payload))
+        s.sent.append(payload)
+    except Exception:
+        pass
 
 
 async def _close(ws: WebSocket, code: int) -> None:
