@@ -533,6 +533,44 @@ async def until_record(store: SessionStore, sid: str, ok: Callable[[dict[str, st
         await asyncio.sleep(0.02)
 
 
+async def test_the_duration_limit_warns_the_page_then_ends_cleanly(
+    rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis
+) -> None:
+    fake.duration_limit_s = 2  # `session_duration_limit`: the fake closes the session then
+    h = rig(heygen_keepalive_s=0.1, heygen_expiry_warning_s=1)
+    session = await h.open()
+    await session.start()
+    vendor_id = h.vendor_id(session)
+    ended = await until_event(r, session.sid, "session.ended")
+    assert ended["reason"] == "avatar_time_limit"  # the real reason, not "ended unexpectedly"
+    await session.stop("session_ended")
+    errors = [e for e in await events_of(r, session.sid) if e["type"] == "error"]
+    assert [(e["code"], e["fatal"]) for e in errors] == [("avatar_expiring", False)]
+    assert fake.session(vendor_id).status == "closed"
+    assert vendor_id not in await VendorLedger(r, "heygen").entries()
+
+
+async def test_listening_pose_while_the_user_talks(rig: Callable[..., Rig], fake: FakeHeyGen) -> None:
+    h = rig()
+    session = await h.open()
+    await session.start()
+    vendor_id = h.vendor_id(session)
+    await session.on_user_speaking(True)
+    await until(lambda: fake.calls_to("/v1/streaming.start_listening", vendor_id))
+    await session.on_user_speaking(False)
+    await until(lambda: fake.calls_to("/v1/streaming.stop_listening", vendor_id))
+    assert await session.pause() is False
+    await session.stop("test")
+
+
+async def until_event(r: aioredis.Redis, sid: str, kind: str) -> dict[str, Any]:
+    deadline = time.monotonic() + GUARD_S
+    while not (found := [e for e in await events_of(r, sid) if e["type"] == kind]):
+        assert time.monotonic() < deadline, f"no {kind}"
+        await asyncio.sleep(0.02)
+    return found[-1]
+
+
 # ---------------------------------------------------------------- reaper
 
 

@@ -110,9 +110,11 @@ async def test_three_turns_from_the_llm_reach_the_avatar_as_24khz_audio(run: Run
     sid = browser.session.session_id
     vendor = run.vendor(sid)
     assert ready["provider"] == "liveavatar"
-    assert ready["livekit"] == {"url": run.fake.livekit_url, "token": "lk-client-" + vendor.session_id}
+    assert ready["livekit"] == {"url": run.fake.livekit_url, "token": "lk-client-" + vendor.session_id,
+                                "avatar_identity": "heygen"}  # the page takes tracks from it only
     assert vendor.request["mode"] == "LITE" and vendor.request["is_sandbox"] is True
-    assert vendor.request["avatar_id"] == SANDBOX_AVATAR and "video_settings" in vendor.request
+    assert vendor.request["avatar_id"] == SANDBOX_AVATAR
+    assert vendor.request["video_settings"] == {"quality": "high", "encoding": "H264"}
     for question in ("What is avatar stack?", "How do I scale it?", "Which avatars?"):
         stopped = await talk(browser, question)
         assert stopped["interrupted"] is False

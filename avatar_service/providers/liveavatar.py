@@ -54,7 +54,7 @@ from avatar_service.providers.local import _next_or_interrupt
 from avatar_service.providers.vendor_api import VendorApi, VendorApiError, VendorSession
 from avatar_service.tts import PiperTts
 from common.bus import Bus
-from common.models import AvatarStartedTalking, AvatarStoppedTalking, SessionConfig
+from common.models import AvatarStartedTalking, AvatarStoppedTalking, SessionConfig, SessionReady
 from common.pcm import StreamResampler
 from common.retry import Backoff
 from common.settings import Settings
@@ -70,6 +70,7 @@ OUTBOX_MAX = 512  # queued commands (≈ 8 min of 1 s audio chunks) before `spea
 RECONNECTS = 3
 SOCKET_BACKOFF = Backoff(base_s=0.25, max_s=4.0)
 CLEAR_ACK_TIMEOUT_S = 1.5  # below the worker's wait for an interrupted reply
+AVATAR_IDENTITY = "heygen"  # the avatar's LiveKit participant (LiveAvatar's web SDK takes tracks from it)
 SANDBOX_LIMIT_S = 60  # the sandbox's documented ~1 minute, when the start response gives no limit
 LIST_PAGE_SIZE = 100
 LIST_MAX_PAGES = 100  # 10 000 sessions: a bound, not a limit anyone should reach
@@ -411,6 +412,12 @@ class LiveAvatarSession(CloudSession):
 
     def _avatar_error(self, exc: VendorApiError) -> AvatarError:
         return avatar_error(exc)
+
+    def _ready(self, handle: VendorHandle) -> SessionReady:
+        ready = super()._ready(handle)
+        assert ready.livekit is not None
+        ready.livekit.avatar_identity = AVATAR_IDENTITY
+        return ready
 
     def _cut_reply(self) -> None:
         reply = self._reply
