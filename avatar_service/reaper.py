@@ -67,9 +67,10 @@ async def reap_once(target: Reaping, *, r: aioredis.Redis, grace_s: float | None
     return reaped
 
 
-async def run_reaper(r: aioredis.Redis, settings: Settings, stop: asyncio.Event) -> None:
+async def run_reaper(r: aioredis.Redis, settings: Settings, stop: asyncio.Event, *,
+                     target: Reaping | None = None) -> None:
     """Reap at once, then every interval, until `stop` is set. For the avatar worker to run as a task."""
-    target = make_reaping(settings)
+    target = target or make_reaping(settings)
     if target is None:
         log.info("vendor session reaper off")
         return

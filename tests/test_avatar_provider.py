@@ -7,20 +7,30 @@ from types import SimpleNamespace
 
 import pytest
 
-from avatar_service.providers import make_driver
+from avatar_service.providers import available, make_driver, resolve_provider
 from common.settings import Settings
 
 
-def test_auto_prefers_liveavatar_and_never_picks_legacy_heygen() -> None:
-    both = Settings(avatar_provider="auto", heygen_api_key="h", liveavatar_api_key="l")
-    assert both.resolved_avatar_provider() == "liveavatar"
-    assert Settings(avatar_provider="auto", heygen_api_key="h").resolved_avatar_provider() == "local"
-    assert Settings(avatar_provider="heygen", heygen_api_key="h").resolved_avatar_provider() == "heygen"
+def test_auto_prefers_liveavatar_and_never_picks_legacy_heygen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEYGEN_API_KEY", "h")
+    assert resolve_provider(Settings(_env_file=None, avatar_provider="auto")) == "local"
+    monkeypatch.setenv("LIVEAVATAR_API_KEY", "l")
+    assert resolve_provider(Settings(_env_file=None, avatar_provider="auto")) == "liveavatar"
+    assert resolve_provider(Settings(_env_file=None, avatar_provider="heygen")) == "heygen"
+    assert {"heygen", "liveavatar", "local"} <= set(available())  # providers are found by module name
 
 
-def test_choosing_heygen_explicitly_warns_that_it_is_deprecated(caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(avatar_provider="heygen", heygen_api_key="h", heygen_avatar_id="a")
+def test_choosing_heygen_explicitly_warns_that_it_is_deprecated(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("HEYGEN_API_KEY", "h")
+    settings = Settings(_env_file=None, avatar_provider="heygen")
     with caplog.at_level(logging.WARNING, logger="avatar_service.providers"):
         driver = make_driver(settings, SimpleNamespace(r=None, settings=settings))  # type: ignore[arg-type]
     assert driver.name == "heygen"
     assert any("deprecat" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unknown_provider_is_a_clear_start_up_error() -> None:
+    with pytest.raises(SystemExit, match="not available"):
+        make_driver(Settings(_env_file=None, avatar_provider="nope"), SimpleNamespace(r=None))  # type: ignore[arg-type]

@@ -17,9 +17,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from avatar_service.providers import make_reaping
 from avatar_service.providers.cloud import EndReason, VendorLedger
-from avatar_service.providers.liveavatar import LiveAvatarClient, LiveAvatarDriver, LiveAvatarError, LiveAvatarSession
+from avatar_service.providers.liveavatar import (
+    LiveAvatarClient,
+    LiveAvatarDriver,
+    LiveAvatarError,
+    LiveAvatarSession,
+    LiveAvatarSettings,
+    make_reaping,
+)
 from avatar_service.reaper import reap_once
 from common import keys
 from common.bus import Bus
@@ -73,14 +79,13 @@ class Rig:
     def __init__(self, fake: FakeLiveAvatar, r: aioredis.Redis, redis_url: str, **extra: Any) -> None:
         self.fake = fake
         self.r = r
-        self.settings = Settings(
-            _env_file=None, redis_url=redis_url, avatar_provider="liveavatar", stt_provider="local",
-            liveavatar_api_key=KEY, liveavatar_server_url=fake.url, liveavatar_avatar_id=SANDBOX_AVATAR,
-            **extra,
-        )
+        self.settings = Settings(_env_file=None, redis_url=redis_url, avatar_provider="liveavatar",
+                                 stt_provider="local")
+        self.vendor = LiveAvatarSettings(_env_file=None, api_key=KEY, server_url=fake.url, avatar_id=SANDBOX_AVATAR,
+                                         **{k.removeprefix("liveavatar_"): v for k, v in extra.items()})
         self.bus = Bus(r, self.settings)
         self.store = SessionStore(r, self.bus)
-        self.driver = LiveAvatarDriver(self.settings, self.bus, tts=ToneTts())  # type: ignore[arg-type]
+        self.driver = LiveAvatarDriver(self.settings, self.bus, tts=ToneTts(), vendor=self.vendor)  # type: ignore
 
     async def session(self) -> LiveAvatarSession:
         sid, _ = await self.store.create(SessionConfig())
@@ -139,7 +144,7 @@ async def test_reaper_reads_every_page_and_stops_only_our_orphans(
     young = fake.add_session(age_s=1)  # ours, recorded a moment ago: maybe still starting
     await ledger.record(young, "starting-session")
     assert len(fake.active()) > 20  # more than one page of 20
-    target = make_reaping(h.settings)
+    target = make_reaping(h.settings, h.vendor)
     assert target is not None
     try:
         reaped = await reap_once(target, r=r)

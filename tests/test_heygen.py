@@ -33,6 +33,8 @@ from avatar_service.providers.heygen import (
     HeyGenAvatarSession,
     HeyGenClient,
     HeyGenError,
+    HeyGenSettings,
+    make_reaping,
     pack_sentences,
 )
 from avatar_service.reaper import reap_once, run_reaper
@@ -59,13 +61,16 @@ LONG_TEXT = " ".join(
 # ---------------------------------------------------------------- helpers
 
 
-def settings_for(fake: FakeHeyGen, redis_url: str, key: str = KEY, **heygen: Any) -> Settings:
-    """Settings pointing at the fake; `heygen_*` fields not yet in `Settings` are set by copy."""
-    base = Settings(
-        _env_file=None, redis_url=redis_url, avatar_provider="heygen", stt_provider="local",
-        heygen_api_key=SecretStr(key), heygen_server_url=fake.url, heygen_avatar_id="Anna_public",
-    )
-    return base.model_copy(update={"heygen_task_type": "repeat", **heygen})
+def settings_for(fake: FakeHeyGen, redis_url: str) -> Settings:
+    """The shared settings of a test stack (HeyGen's own are `vendor_for`'s)."""
+    return Settings(_env_file=None, redis_url=redis_url, avatar_provider="heygen", stt_provider="local")
+
+
+def vendor_for(fake: FakeHeyGen, key: str = KEY, **heygen: Any) -> HeyGenSettings:
+    """HeyGen's settings pointing at the fake; `heygen_x=…` sets `HEYGEN_X`."""
+    fields = {"task_type": "repeat", **{k.removeprefix("heygen_"): v for k, v in heygen.items()}}
+    return HeyGenSettings(_env_file=None, api_key=SecretStr(key), server_url=fake.url, avatar_id="Anna_public",
+                          **fields)
 
 
 async def until(condition: Callable[[], Any], guard_s: float = GUARD_S, step_s: float = 0.02) -> Any:
@@ -100,10 +105,11 @@ class Rig:
     def __init__(self, fake: FakeHeyGen, r: aioredis.Redis, redis_url: str, **heygen: Any) -> None:
         self.fake = fake
         self.r = r
-        self.settings = settings_for(fake, redis_url, **heygen)
+        self.settings = settings_for(fake, redis_url)
+        self.vendor = vendor_for(fake, **heygen)
         self.bus = Bus(r, self.settings)
         self.store = SessionStore(r, self.bus)
-        self.driver = HeyGenAvatarDriver(self.settings, self.bus)
+        self.driver = HeyGenAvatarDriver(self.settings, self.bus, vendor=self.vendor)
         self.relays: list[asyncio.Task[None]] = []
         self.closers: list[Callable[[], Any]] = []
 
@@ -278,8 +284,8 @@ async def test_knowledge_base_is_created_once_and_cached_in_redis(
     fake.knowledge_bases["kb-configured"] = {"name": "mine", "prompt": "p"}
     for heygen, expected in (({"heygen_task_type": "talk"}, "kb-configured"), ({}, None)):
         h = rig(**heygen)
-        h.settings = h.settings.model_copy(update={"heygen_knowledge_base_id": "kb-configured"})
-        h.driver = HeyGenAvatarDriver(h.settings, h.bus)
+        h.vendor = h.vendor.model_copy(update={"knowledge_base_id": "kb-configured"})
+        h.driver = HeyGenAvatarDriver(h.settings, h.bus, vendor=h.vendor)
         session = await h.open()
         await session.start()
         assert fake.calls_to("/v1/streaming.new")[-1].body.get("knowledge_base_id") == expected
@@ -498,8 +504,8 @@ async def test_a_bad_api_key_is_a_clear_fatal_error(
     fake: FakeHeyGen, r: aioredis.Redis, clean_redis: str
 ) -> None:
     h = Rig(fake, r, clean_redis)
-    h.settings = settings_for(fake, clean_redis, key="revoked-key-0000")
-    h.driver = HeyGenAvatarDriver(h.settings, h.bus)
+    h.vendor = vendor_for(fake, key="revoked-key-0000")
+    h.driver = HeyGenAvatarDriver(h.settings, h.bus, vendor=h.vendor)
     session = await h.open()
     with pytest.raises(AvatarError) as failed:
         await session.start()
@@ -597,9 +603,7 @@ async def test_reaper_stops_only_our_orphans(rig: Callable[..., Rig], fake: Fake
 
 
 async def _reaping(h: Rig) -> Any:
-    from avatar_service.providers import make_reaping
-
-    target = make_reaping(h.settings)
+    target = make_reaping(h.settings, h.vendor)
     assert target is not None
     h.closers.append(target.aclose)
     return target
@@ -608,13 +612,14 @@ async def _reaping(h: Rig) -> Any:
 async def test_run_reaper_passes_at_start_then_periodically(
     fake: FakeHeyGen, r: aioredis.Redis, clean_redis: str
 ) -> None:
-    settings = settings_for(fake, clean_redis, heygen_reaper_interval_s=0.1, heygen_reaper_grace_s=0.0)
+    settings = settings_for(fake, clean_redis)
+    target = make_reaping(settings, vendor_for(fake, reaper_interval_s=0.1, reaper_grace_s=0.0))
     ledger = VendorLedger(r, "heygen")
     stop = asyncio.Event()
     early = fake.add_session(age_s=600)
     await ledger.record(early, "gone-session", at=time.time() - 600)
     foreign = fake.add_session(age_s=600)
-    reaper = asyncio.create_task(run_reaper(r, settings, stop))
+    reaper = asyncio.create_task(run_reaper(r, settings, stop, target=target))
     await until(lambda: fake.session(early).status == "closed")
     late = fake.add_session()
     await ledger.record(late, "gone-session")

@@ -34,15 +34,28 @@ def _module(provider: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{provider}")
 
 
+def resolve_provider(settings: Settings) -> str:
+    """`AVATAR_PROVIDER`, with `auto` = LiveAvatar when its key is set, else local. Never the legacy
+    HeyGen streaming API, which HeyGen is deprecating in favour of LiveAvatar: that one only by name."""
+    if settings.avatar_provider != "auto":
+        return settings.avatar_provider
+    from avatar_service.providers.liveavatar import LiveAvatarSettings
+
+    return "liveavatar" if LiveAvatarSettings().api_key else "local"
+
+
 def make_driver(settings: Settings, bus: Bus) -> AvatarDriver:
-    provider = settings.resolved_avatar_provider()
-    if settings.avatar_provider == "auto" and settings.heygen_api_key and provider == "local":
-        log.warning("HEYGEN_API_KEY is set but AVATAR_PROVIDER=auto never picks the deprecated HeyGen "
-                    "Interactive Avatar; set AVATAR_PROVIDER=heygen to use it, or LIVEAVATAR_API_KEY")
+    provider = resolve_provider(settings)
+    if settings.avatar_provider == "auto" and provider == "local":
+        from avatar_service.providers.heygen import HeyGenSettings
+
+        if HeyGenSettings().api_key:
+            log.warning("HEYGEN_API_KEY is set but AVATAR_PROVIDER=auto never picks the deprecated HeyGen "
+                        "Interactive Avatar; set AVATAR_PROVIDER=heygen to use it, or LIVEAVATAR_API_KEY")
     return _module(provider).make_driver(settings, bus)
 
 
 def make_reaping(settings: Settings) -> Reaping | None:
     """The configured cloud vendor's reaping, or None (local avatar, no key, or turned off)."""
-    make = getattr(_module(settings.resolved_avatar_provider()), "make_reaping", None)
+    make = getattr(_module(resolve_provider(settings)), "make_reaping", None)
     return make(settings) if make is not None else None

@@ -38,9 +38,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avatar_service.driver import AvatarError, Speech
 from avatar_service.providers.cloud import (
@@ -82,6 +84,32 @@ UNKNOWN_DURATION_S = 30.0  # fallback when a task response has no usable `durati
 INTERRUPT_TIMEOUT_S = 2.0  # below the worker's wait for an interrupted reply
 RECENT_TASK_EVENTS = 64
 
+class HeyGenSettings(BaseSettings):
+    """`HEYGEN_*`: this vendor's settings, beside its adapter (common/settings.py holds only shared ones)."""
+
+    model_config = SettingsConfigDict(env_prefix="HEYGEN_", env_file=".env", extra="ignore")
+
+    api_key: SecretStr | None = None
+    server_url: str = "https://api.heygen.com"
+    avatar_id: str = ""
+    voice_id: str = ""
+    knowledge_base_id: str = ""
+    task_type: Literal["talk", "repeat"] = "talk"  # talk: HeyGen answers from its knowledge base
+    quality: Literal["low", "medium", "high"] = "medium"
+    voice_rate: float = Field(default=1.0, gt=0.4, le=2.0)
+    voice_emotion: str = ""  # Excited | Serious | Friendly | Soothing | Broadcaster
+    task_max_chars: int = Field(default=900, ge=50, le=1000)
+    idle_timeout_s: int = Field(default=300, ge=30, le=3600)
+    keepalive_s: float = Field(default=60.0, gt=0)
+    stop_grace_s: float = Field(default=2.0, ge=0)
+    http_timeout_s: float = Field(default=10.0, ge=1)
+    kb_prompt_file: str = ""  # empty = the bundled knowledge file
+    reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
+    reaper_grace_s: float = Field(default=60.0, ge=0)
+    video_encoding: Literal["VP8", "H264"] = "H264"  # as HeyGen's own SDK sends
+    expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` before `session_duration_limit`
+
+
 @dataclass(frozen=True)
 class HeyGenOptions:
     """Everything the driver reads from the settings, checked once."""
@@ -107,40 +135,40 @@ class HeyGenOptions:
     expiry_warning_s: float = 30.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HeyGenOptions:
-        key = settings.heygen_api_key.get_secret_value() if settings.heygen_api_key else ""
-        task_type = settings.heygen_task_type.lower()
+    def from_settings(cls, settings: HeyGenSettings) -> HeyGenOptions:
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        task_type = settings.task_type.lower()
         if task_type not in ("talk", "repeat"):
             raise ValueError(f"HEYGEN_TASK_TYPE must be talk or repeat, not {task_type!r}")
-        quality = settings.heygen_quality.lower()
+        quality = settings.quality.lower()
         if quality not in ("low", "medium", "high"):
             raise ValueError(f"HEYGEN_QUALITY must be low, medium or high, not {quality!r}")
-        idle = min(3600, max(30, settings.heygen_idle_timeout_s))  # the vendor's range
-        keepalive = settings.heygen_keepalive_s
+        idle = min(3600, max(30, settings.idle_timeout_s))  # the vendor's range
+        keepalive = settings.keepalive_s
         if not 0 < keepalive <= idle / 2:
             log.warning("HEYGEN_KEEPALIVE_S=%s is not well inside the %d s idle timeout; using %d s",
                         keepalive, idle, idle // 3)
             keepalive = idle / 3
         return cls(
             api_key=key,
-            server_url=settings.heygen_server_url,
-            avatar_id=settings.heygen_avatar_id,
-            voice_id=settings.heygen_voice_id,
-            knowledge_base_id=settings.heygen_knowledge_base_id,
+            server_url=settings.server_url,
+            avatar_id=settings.avatar_id,
+            voice_id=settings.voice_id,
+            knowledge_base_id=settings.knowledge_base_id,
             quality=quality,
-            voice_rate=settings.heygen_voice_rate,
-            voice_emotion=settings.heygen_voice_emotion,
+            voice_rate=settings.voice_rate,
+            voice_emotion=settings.voice_emotion,
             task_type=task_type,
-            task_max_chars=max(50, settings.heygen_task_max_chars),
+            task_max_chars=max(50, settings.task_max_chars),
             idle_timeout_s=idle,
             keepalive_s=keepalive,
-            stop_grace_s=max(0.0, settings.heygen_stop_grace_s),
-            http_timeout_s=max(1.0, settings.heygen_http_timeout_s),
-            kb_prompt_file=settings.heygen_kb_prompt_file,
-            reaper_interval_s=settings.heygen_reaper_interval_s,
-            reaper_grace_s=max(0.0, settings.heygen_reaper_grace_s),
-            video_encoding=settings.heygen_video_encoding,
-            expiry_warning_s=settings.heygen_expiry_warning_s,
+            stop_grace_s=max(0.0, settings.stop_grace_s),
+            http_timeout_s=max(1.0, settings.http_timeout_s),
+            kb_prompt_file=settings.kb_prompt_file,
+            reaper_interval_s=settings.reaper_interval_s,
+            reaper_grace_s=max(0.0, settings.reaper_grace_s),
+            video_encoding=settings.video_encoding,
+            expiry_warning_s=settings.expiry_warning_s,
         )
 
 
@@ -393,10 +421,10 @@ class HeyGenAvatarDriver(CloudDriver):
     name = NAME
 
     def __init__(self, settings: Settings, bus: Bus, *, options: HeyGenOptions | None = None,
-                 client: HeyGenClient | None = None) -> None:
+                 client: HeyGenClient | None = None, vendor: HeyGenSettings | None = None) -> None:
         super().__init__(settings, bus)
         try:
-            self.options = options or HeyGenOptions.from_settings(settings)
+            self.options = options or HeyGenOptions.from_settings(vendor or HeyGenSettings())
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
         if not self.options.api_key:
@@ -440,8 +468,8 @@ class HeyGenReaping:
         await self.client.aclose()
 
 
-def make_reaping(settings: Settings) -> HeyGenReaping | None:
-    options = HeyGenOptions.from_settings(settings)
+def make_reaping(settings: Settings, vendor: HeyGenSettings | None = None) -> HeyGenReaping | None:
+    options = HeyGenOptions.from_settings(vendor or HeyGenSettings())
     if not options.api_key or options.reaper_interval_s <= 0:
         return None
     return HeyGenReaping(options)

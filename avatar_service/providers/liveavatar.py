@@ -34,11 +34,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlparse
 
 import orjson
 import websockets
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avatar_service.driver import AvatarError, Speech, sentences_of
 from avatar_service.providers.cloud import (
@@ -89,6 +91,29 @@ STOP_REASONS: dict[EndReason, str] = {
 }
 
 
+class LiveAvatarSettings(BaseSettings):
+    """`LIVEAVATAR_*`: this vendor's settings, beside its adapter (common/settings.py holds only shared ones)."""
+
+    model_config = SettingsConfigDict(env_prefix="LIVEAVATAR_", env_file=".env", extra="ignore")
+
+    api_key: SecretStr | None = None
+    server_url: str = "https://api.liveavatar.com"
+    avatar_id: str = ""  # uuid; the sandbox works only with dd73ea75-1218-4ef3-92ce-606d5f7fbc0a
+    sandbox: bool = False  # `is_sandbox`: free ~1 minute sessions for development
+    video_quality: Literal["very_high", "high", "medium", "low"] = "high"
+    video_encoding: Literal["VP8", "H264"] = "H264"  # the API's default
+    max_session_s: int = Field(default=0, ge=0)  # 0 = the plan's limit
+    keepalive_s: float = Field(default=60.0, gt=0)  # `session.keep_alive` after this long idle
+    http_timeout_s: float = Field(default=10.0, ge=1)
+    connect_timeout_s: float = Field(default=15.0, gt=0)  # until the WS says `connected`
+    first_chunk_ms: int = Field(default=400, ge=20, le=2000)
+    chunk_ms: int = Field(default=1000, ge=20, le=5000)
+    stop_grace_s: float = Field(default=2.0, ge=0)  # wait past the audio for the end of speech
+    reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
+    reaper_grace_s: float = Field(default=60.0, ge=0)
+    expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` this long before the limit
+
+
 @dataclass(frozen=True)
 class LiveAvatarOptions:
     api_key: str
@@ -110,18 +135,14 @@ class LiveAvatarOptions:
     mode: str = "LITE"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> LiveAvatarOptions:
-        key = settings.liveavatar_api_key.get_secret_value() if settings.liveavatar_api_key else ""
+    def from_settings(cls, v: LiveAvatarSettings) -> LiveAvatarOptions:
         return cls(
-            api_key=key, server_url=settings.liveavatar_server_url, avatar_id=settings.liveavatar_avatar_id,
-            sandbox=settings.liveavatar_sandbox, quality=settings.liveavatar_video_quality,
-            encoding=settings.liveavatar_video_encoding, max_session_s=settings.liveavatar_max_session_s,
-            keepalive_s=settings.liveavatar_keepalive_s, http_timeout_s=settings.liveavatar_http_timeout_s,
-            connect_timeout_s=settings.liveavatar_connect_timeout_s,
-            first_chunk_ms=settings.liveavatar_first_chunk_ms, chunk_ms=settings.liveavatar_chunk_ms,
-            stop_grace_s=settings.liveavatar_stop_grace_s, expiry_warning_s=settings.liveavatar_expiry_warning_s,
-            reaper_interval_s=settings.liveavatar_reaper_interval_s,
-            reaper_grace_s=settings.liveavatar_reaper_grace_s,
+            api_key=v.api_key.get_secret_value() if v.api_key else "", server_url=v.server_url,
+            avatar_id=v.avatar_id, sandbox=v.sandbox, quality=v.video_quality, encoding=v.video_encoding,
+            max_session_s=v.max_session_s, keepalive_s=v.keepalive_s, http_timeout_s=v.http_timeout_s,
+            connect_timeout_s=v.connect_timeout_s, first_chunk_ms=v.first_chunk_ms, chunk_ms=v.chunk_ms,
+            stop_grace_s=v.stop_grace_s, expiry_warning_s=v.expiry_warning_s,
+            reaper_interval_s=v.reaper_interval_s, reaper_grace_s=v.reaper_grace_s,
         )
 
 
@@ -270,9 +291,10 @@ class LiveAvatarReaping:
 class LiveAvatarDriver(CloudDriver):
     name = NAME
 
-    def __init__(self, settings: Settings, bus: Bus, *, tts: PiperTts | None = None) -> None:
+    def __init__(self, settings: Settings, bus: Bus, *, tts: PiperTts | None = None,
+                 vendor: LiveAvatarSettings | None = None) -> None:
         super().__init__(settings, bus)
-        self.options = LiveAvatarOptions.from_settings(settings)
+        self.options = LiveAvatarOptions.from_settings(vendor or LiveAvatarSettings())
         if not self.options.api_key:
             raise SystemExit("AVATAR_PROVIDER=liveavatar needs LIVEAVATAR_API_KEY")
         if not self.options.avatar_id:
@@ -295,8 +317,8 @@ def make_driver(settings: Settings, bus: Bus) -> LiveAvatarDriver:
     return LiveAvatarDriver(settings, bus)
 
 
-def make_reaping(settings: Settings) -> LiveAvatarReaping | None:
-    options = LiveAvatarOptions.from_settings(settings)
+def make_reaping(settings: Settings, vendor: LiveAvatarSettings | None = None) -> LiveAvatarReaping | None:
+    options = LiveAvatarOptions.from_settings(vendor or LiveAvatarSettings())
     if not options.api_key or options.reaper_interval_s <= 0:
         return None
     return LiveAvatarReaping(options)
