@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from avatar_service.providers.cloud import EndReason, VendorLedger
+from avatar_service.providers.cloud import CloudSettings, EndReason, VendorLedger
 from avatar_service.providers.liveavatar import (
     LiveAvatarClient,
     LiveAvatarDriver,
@@ -76,7 +76,8 @@ async def r(clean_redis: str) -> AsyncIterator[aioredis.Redis]:
 
 
 class Rig:
-    def __init__(self, fake: FakeLiveAvatar, r: aioredis.Redis, redis_url: str, **extra: Any) -> None:
+    def __init__(self, fake: FakeLiveAvatar, r: aioredis.Redis, redis_url: str, cloud: CloudSettings | None = None,
+                 **extra: Any) -> None:
         self.fake = fake
         self.r = r
         self.settings = Settings(_env_file=None, redis_url=redis_url, avatar_provider="liveavatar",
@@ -85,7 +86,8 @@ class Rig:
                                          **{k.removeprefix("liveavatar_"): v for k, v in extra.items()})
         self.bus = Bus(r, self.settings)
         self.store = SessionStore(r, self.bus)
-        self.driver = LiveAvatarDriver(self.settings, self.bus, tts=ToneTts(), vendor=self.vendor)  # type: ignore
+        self.driver = LiveAvatarDriver(self.settings, self.bus, tts=ToneTts(), vendor=self.vendor,  # type: ignore
+                                       cloud=cloud or CloudSettings(_env_file=None))
 
     async def session(self) -> LiveAvatarSession:
         sid, _ = await self.store.create(SessionConfig())
@@ -204,6 +206,31 @@ async def test_a_vendor_side_close_is_an_expected_end_with_its_reason(
     assert not [e for e in await h.events(session.sid) if e["type"] == "error"]
     await session.stop("session_ended")
     assert h.fake.sessions[vid].sockets == 1  # it did not reconnect to a closed session
+
+
+async def test_rollover_moves_the_page_to_a_fresh_session_without_losing_a_turn(
+    rig: Callable[..., Rig], fake: FakeLiveAvatar, r: aioredis.Redis
+) -> None:
+    # limit 8 s, lead 5 s: the fresh session is started at ~3 s, while the reply below still plays
+    h = rig(cloud=CloudSettings(_env_file=None, rollover=True, rollover_lead_s=5), liveavatar_max_session_s=8)
+    session = await h.session()
+    first = session.vendor.vendor_id  # type: ignore[union-attr]
+    reply = " ".join(f"word{i}" for i in range(80))  # ≈ 4.8 s of speech
+    said = await asyncio.wait_for(session.speak("r-1", reply), GUARD_S)
+    assert said == reply  # the reply in flight was not cut
+    await until(lambda: session.vendor.vendor_id != first)  # type: ignore[union-attr]
+    second = session.vendor.vendor_id  # type: ignore[union-attr]
+    await until(lambda: fake.sessions[first].status == "closed")
+    readies = [e for e in await h.events(session.sid) if e["type"] == "session.ready"]
+    assert [x["livekit"]["token"] for x in readies] == ["lk-client-" + first, "lk-client-" + second]
+    assert await asyncio.wait_for(session.speak("r-2", "Still here."), GUARD_S) == "Still here."
+    assert fake.sessions[second].of_type("agent.speak_end")  # the next turn went to the fresh session
+    assert fake.sessions[first].of_type("agent.speak_end")  # the first one was spoken to its end
+    assert not [e for e in await h.events(session.sid) if e["type"] in ("error", "session.ended")]
+    assert set(await VendorLedger(r, "liveavatar").entries()) == {second}
+    assert (await h.store.get(session.sid) or {})["liveavatar_session_id"] == second
+    await session.stop("test")
+    assert fake.sessions[second].status == "closed"
 
 
 # ---------------------------------------------------------------- talking state, barge-in, listening

@@ -40,6 +40,8 @@ from typing import Any, ClassVar, Protocol
 
 import orjson
 import redis.asyncio as aioredis
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.exceptions import RedisError
 
 from avatar_service.driver import AvatarError
@@ -53,6 +55,16 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 LIMIT_SLACK_S = 5.0  # a vendor close this close to the known limit is the limit
+SWITCH_MARGIN_S = 1.0  # a rollover moves the page over at the latest this long before the limit
+
+
+class CloudSettings(BaseSettings):
+    """`AVATAR_*` settings of the cloud lifecycle (every cloud vendor; not shared with other services)."""
+
+    model_config = SettingsConfigDict(env_prefix="AVATAR_", env_file=".env", extra="ignore")
+
+    rollover: bool = False  # start a fresh vendor session before the limit and move the page to it
+    rollover_lead_s: float = Field(default=20.0, gt=0)  # how long before the limit the fresh one is started
 
 
 class EndReason(StrEnum):
@@ -170,6 +182,8 @@ class CloudOptions:
     keepalive_s: float
     expiry_warning_s: float = 30.0
     sandbox: bool = False
+    rollover: bool = False
+    rollover_lead_s: float = 20.0
 
 
 class Reaping(Protocol):
@@ -232,6 +246,11 @@ class CloudSession(ABC):
         self._stopped = False
         self._released = False
         self._ending = False
+        self._replies = 0  # `speak` calls in progress: a rollover waits for them
+        self._quiet = asyncio.Event()  # no reply in progress
+        self._quiet.set()
+        self._not_switching = asyncio.Event()  # a new reply waits while the page moves to a fresh session
+        self._not_switching.set()
 
     answers_itself: bool = False
 
@@ -256,6 +275,14 @@ class CloudSession(ABC):
     @abstractmethod
     async def _run(self, handle: VendorHandle) -> None:
         """Hold the session while served (keep-alives, socket); raise `VendorEnded` if the vendor ended it."""
+
+    @abstractmethod
+    async def _speak(self, reply_id: str, text: Any, *, user_text: str | None = None) -> str | None:
+        """The vendor's `speak`."""
+
+    async def _switched(self, old: VendorHandle, new: VendorHandle) -> None:
+        """A rollover moved the session to `new`: reset per-connection state (LiveAvatar: the socket)."""
+        return None
 
     @abstractmethod
     def _avatar_error(self, exc: VendorApiError) -> AvatarError:
@@ -311,6 +338,18 @@ class CloudSession(ABC):
             self._link.cancel()
         self.driver.served.discard(self)
         self._cut_reply()
+
+    async def speak(self, reply_id: str, text: Any, *, user_text: str | None = None) -> str | None:
+        """Say a reply (see `AvatarSession.speak`); never across a rollover's switch, so no turn is lost."""
+        await self._not_switching.wait()
+        self._replies += 1
+        self._quiet.clear()
+        try:
+            return await self._speak(reply_id, text, user_text=user_text)
+        finally:
+            self._replies -= 1
+            if self._replies == 0:
+                self._quiet.set()
 
     async def pause(self) -> bool:
         """A cloud avatar cannot stop being heard and continue later."""
@@ -372,19 +411,48 @@ class CloudSession(ABC):
             owner.add_done_callback(lambda _task: self.release())
 
     async def _supervise(self, handle: VendorHandle) -> None:
-        watch = asyncio.create_task(self._watch_limit(handle))
-        try:
-            await self._run(handle)
-        except VendorEnded as exc:
-            if not (self._released or self._stopped):
-                await asyncio.shield(self.ended_by_vendor(str(exc)))
-        finally:
-            watch.cancel()
+        """Run the adapter's link for the current vendor session; watch its limit; roll over to a
+        fresh session when the watch hands one over."""
+        while True:
+            run = asyncio.create_task(self._run(handle))
+            watch = asyncio.create_task(self._watch_limit(handle))
+            try:
+                done, _ = await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                run.cancel()
+                watch.cancel()
+                raise
+            if run in done:
+                watch.cancel()
+                exc = run.exception() if not run.cancelled() else None
+                if isinstance(exc, VendorEnded) and not (self._released or self._stopped):
+                    await asyncio.shield(self.ended_by_vendor(str(exc)))
+                elif exc is not None:
+                    log.error("%s link failed: %r", self.label, exc, extra={"sid": self.sid})
+                return
+            fresh = watch.result()
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run
+            if fresh is None or self._released or self._stopped:
+                return
+            handle = await asyncio.shield(self._switch(handle, fresh))
 
-    async def _watch_limit(self, handle: VendorHandle) -> None:
-        """Tell the page before the vendor's duration limit; at it, end the session cleanly."""
-        if handle.expires_at is None:
-            return
+    async def _watch_limit(self, handle: VendorHandle) -> VendorHandle | None:
+        """Before the vendor's duration limit: a fresh session (rollover), or a warning to the page;
+        at the limit, end the session cleanly. Returns the fresh session to move to, if any."""
+        if handle.expires_at is None:  # no known limit: nothing to watch
+            await asyncio.Event().wait()
+        assert handle.expires_at is not None
+        if self.cloud.rollover:  # never in the first half of a session's life: no storm of rollovers
+            lead = min(self.cloud.rollover_lead_s, max(0.0, handle.expires_at - time.time()) / 2)
+            await _sleep_until(handle.expires_at - lead)
+            fresh = await self._fresh_session()
+            if fresh is not None:
+                with contextlib.suppress(TimeoutError):  # let the reply being spoken finish
+                    await asyncio.wait_for(self._quiet.wait(), max(0.0, handle.expires_at - SWITCH_MARGIN_S
+                                                                   - time.time()))
+                return fresh
         warn_at = handle.expires_at - self.cloud.expiry_warning_s
         await _sleep_until(warn_at)
         left = max(0, round(handle.expires_at - time.time()))
@@ -395,6 +463,42 @@ class CloudSession(ABC):
             ))
         await _sleep_until(handle.expires_at)
         await asyncio.shield(self._end(self._vendor_end_reason(), "duration limit reached"))
+        return None
+
+    async def _fresh_session(self) -> VendorHandle | None:
+        """A new vendor session for a rollover, recorded in the ledger (a worker dying now leaks nothing:
+        the session hash does not point at it, so the reaper stops it after its grace)."""
+        try:
+            vendor_id, pending = await self._reserve()
+            await self.ledger.record(vendor_id, self.sid)
+            try:
+                return await self._start_reserved(vendor_id, pending)
+            except self.error_type:
+                await self._discard(vendor_id, EndReason.ERROR, keep_fields=True)
+                raise
+        except self.error_type as exc:
+            log.warning("%s rollover failed (%s); the session ends at its limit", self.label, exc,
+                        extra={"sid": self.sid})
+            return None
+
+    async def _switch(self, old: VendorHandle, new: VendorHandle) -> VendorHandle:
+        """Move the session (and the page, with a new `session.ready`) to `new`; stop `old`."""
+        self._not_switching.clear()  # a turn that arrives now waits, and is spoken by the fresh session
+        try:
+            left = (old.expires_at - SWITCH_MARGIN_S - time.time()) if old.expires_at else 5.0
+            with contextlib.suppress(TimeoutError):  # a reply that started meanwhile finishes first
+                await asyncio.wait_for(self._quiet.wait(), max(0.1, left))
+            self.vendor = new
+            await self.store.set_fields(self.sid, **{self.fields.vendor_id: new.vendor_id,
+                                                     self.fields.handle: new.to_json(), self.fields.started: "1"})
+            await self._switched(old, new)
+            await self.bus.publish_event(self.sid, self._ready(new))
+            log.info("rolled %s session %s over to %s", self.label, old.vendor_id, new.vendor_id,
+                     extra={"sid": self.sid})
+        finally:
+            self._not_switching.set()
+        await self._discard(old.vendor_id, EndReason.REPLACED, keep_fields=True)
+        return new
 
     async def _resume(self) -> VendorHandle | None:
         """The vendor session a previous owner left in the session hash, if it is still alive."""
@@ -438,20 +542,23 @@ class CloudSession(ABC):
                  extra={"sid": self.sid})
         return handle
 
-    async def _discard(self, vendor_id: str, reason: EndReason) -> None:
-        """Drop a vendor session we will not use; if stopping fails the ledger keeps it for the reaper."""
+    async def _discard(self, vendor_id: str, reason: EndReason, *, keep_fields: bool = False) -> None:
+        """Drop a vendor session we will not use; if stopping fails the ledger keeps it for the reaper.
+        `keep_fields`: the session hash already points at another vendor session (rollover)."""
         try:
             await self._stop_vendor(vendor_id, reason)
         except self.error_type as exc:
             log.warning("could not stop %s session %s (%s)", self.label, vendor_id, exc, extra={"sid": self.sid})
-            with contextlib.suppress(RedisError):
-                await self.bus.r.hdel(keys.session(self.sid), *self.fields.all)
+            if not keep_fields:
+                with contextlib.suppress(RedisError):
+                    await self.bus.r.hdel(keys.session(self.sid), *self.fields.all)
             return
-        await self._forget(vendor_id)
+        await self._forget(vendor_id, keep_fields=keep_fields)
 
-    async def _forget(self, vendor_id: str) -> None:
+    async def _forget(self, vendor_id: str, *, keep_fields: bool = False) -> None:
         with contextlib.suppress(RedisError):
-            await self.bus.r.hdel(keys.session(self.sid), *self.fields.all)
+            if not keep_fields:
+                await self.bus.r.hdel(keys.session(self.sid), *self.fields.all)
             await self.ledger.forget(vendor_id)
 
     async def _stored(self, name: str) -> str | None:

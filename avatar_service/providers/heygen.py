@@ -49,6 +49,7 @@ from avatar_service.providers.cloud import (
     CloudDriver,
     CloudOptions,
     CloudSession,
+    CloudSettings,
     EndReason,
     Fields,
     VendorHandle,
@@ -421,8 +422,10 @@ class HeyGenAvatarDriver(CloudDriver):
     name = NAME
 
     def __init__(self, settings: Settings, bus: Bus, *, options: HeyGenOptions | None = None,
-                 client: HeyGenClient | None = None, vendor: HeyGenSettings | None = None) -> None:
+                 client: HeyGenClient | None = None, vendor: HeyGenSettings | None = None,
+                 cloud: CloudSettings | None = None) -> None:
         super().__init__(settings, bus)
+        self.cloud = cloud or CloudSettings()
         try:
             self.options = options or HeyGenOptions.from_settings(vendor or HeyGenSettings())
         except ValueError as exc:
@@ -502,8 +505,10 @@ class HeyGenAvatarSession(CloudSession):
 
     def __init__(self, driver: HeyGenAvatarDriver, sid: str, config: SessionConfig, *, resumed: bool) -> None:
         o = driver.options
-        super().__init__(driver, sid, config, CloudOptions(keepalive_s=o.keepalive_s,
-                                                           expiry_warning_s=o.expiry_warning_s))
+        cloud = driver.cloud
+        super().__init__(driver, sid, config, CloudOptions(
+            keepalive_s=o.keepalive_s, expiry_warning_s=o.expiry_warning_s, rollover=cloud.rollover,
+            rollover_lead_s=cloud.rollover_lead_s))
         self.resumed = resumed
         self.options = o
         self.client = driver.client
@@ -572,6 +577,8 @@ class HeyGenAvatarSession(CloudSession):
 
     async def _gone(self, handle: VendorHandle, during: str) -> None:
         """HeyGen no longer knows the session: its duration limit (an expected end), else lost."""
+        if self.vendor is not None and handle.vendor_id != self.vendor.vendor_id:
+            return  # the session we rolled over from: stopped on purpose
         if self._vendor_end_reason() is EndReason.TIME_LIMIT:
             await self.ended_by_vendor(f"gone at its duration limit (seen on {during})")
         else:
@@ -595,7 +602,7 @@ class HeyGenAvatarSession(CloudSession):
 
     # ---- speech
 
-    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
+    async def _speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
         """Say a reply; returns once the avatar stopped talking, or promptly after `interrupt()`.
 
         `talk`: sends `user_text` (what the user said; `text` when not given) as one task and

@@ -47,6 +47,7 @@ from avatar_service.providers.cloud import (
     CloudDriver,
     CloudOptions,
     CloudSession,
+    CloudSettings,
     EndReason,
     Fields,
     VendorEnded,
@@ -292,8 +293,9 @@ class LiveAvatarDriver(CloudDriver):
     name = NAME
 
     def __init__(self, settings: Settings, bus: Bus, *, tts: PiperTts | None = None,
-                 vendor: LiveAvatarSettings | None = None) -> None:
+                 vendor: LiveAvatarSettings | None = None, cloud: CloudSettings | None = None) -> None:
         super().__init__(settings, bus)
+        self.cloud = cloud or CloudSettings()
         self.options = LiveAvatarOptions.from_settings(vendor or LiveAvatarSettings())
         if not self.options.api_key:
             raise SystemExit("AVATAR_PROVIDER=liveavatar needs LIVEAVATAR_API_KEY")
@@ -391,8 +393,10 @@ class LiveAvatarSession(CloudSession):
 
     def __init__(self, driver: LiveAvatarDriver, sid: str, config: SessionConfig) -> None:
         o = driver.options
-        super().__init__(driver, sid, config, CloudOptions(keepalive_s=o.keepalive_s,
-                                                           expiry_warning_s=o.expiry_warning_s, sandbox=o.sandbox))
+        cloud = driver.cloud
+        super().__init__(driver, sid, config, CloudOptions(
+            keepalive_s=o.keepalive_s, expiry_warning_s=o.expiry_warning_s, sandbox=o.sandbox,
+            rollover=cloud.rollover, rollover_lead_s=cloud.rollover_lead_s))
         self.options = o
         self.client = driver.client
         self.tts = driver.tts
@@ -441,6 +445,13 @@ class LiveAvatarSession(CloudSession):
         ready.livekit.avatar_identity = AVATAR_IDENTITY
         return ready
 
+    async def _switched(self, old: VendorHandle, new: VendorHandle) -> None:
+        """Rolled over: the next socket is the fresh session's; its avatar starts idle and clear."""
+        self._vendor_closing = self._closed_by_us = self._was_connected = self._talking = False
+        self._listening = False
+        self._cleared.set()
+        self.connected.clear()
+
     def _cut_reply(self) -> None:
         reply = self._reply
         if reply is not None:
@@ -450,7 +461,7 @@ class LiveAvatarSession(CloudSession):
 
     # ---- speech
 
-    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str:
+    async def _speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str:
         """Stream the reply's audio over the socket; return once spoken, or soon after `interrupt()`.
 
         Returns the sentences whose audio had started playing (by the avatar's clock) when an
