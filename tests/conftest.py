@@ -20,6 +20,7 @@ import redis
 
 from avatar_stack.up import free_port, redis_answers, redis_binary
 from common import keys
+from tests.livekit_util import LiveKitServer, livekit_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ROOT / "artifacts" / "logs"
@@ -46,6 +47,36 @@ def redis_url() -> Iterator[str]:
     proc.terminate()
     proc.wait(5)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def require_livekit_binary() -> str:
+    """The `livekit-server` binary; skip without it, except in CI where it must be there."""
+    binary = livekit_binary()
+    if binary:
+        return binary
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("CI needs livekit-server: `make setup-livekit` installs it into .cache/bin/")
+    pytest.skip("needs livekit-server: run `make setup-livekit` (go install, pinned) or put it on PATH")
+
+
+@pytest.fixture(scope="session")
+def livekit_server() -> Iterator[LiveKitServer]:
+    """A real `livekit-server --dev` on loopback and free ports, shared by the whole run.
+
+    Tests must not restart it (others share it): use `private_livekit_server` for that."""
+    server = LiveKitServer(require_livekit_binary())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_livekit_server() -> Iterator[LiveKitServer]:
+    """A LiveKit server of this test's own, which it may kill and restart."""
+    server = LiveKitServer(require_livekit_binary())
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
