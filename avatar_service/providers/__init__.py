@@ -25,7 +25,8 @@ NOT_PROVIDERS = {"cloud", "vendor_api"}
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_PROVIDERS)
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if m.name not in NOT_PROVIDERS and not m.name.startswith("_"))
 
 
 def _module(provider: str) -> ModuleType:

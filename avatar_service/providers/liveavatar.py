@@ -43,6 +43,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avatar_service.driver import AvatarError, Speech, sentences_of
+from avatar_service.providers._liveavatar_full import Contexts, LiveAvatarFullSession
 from avatar_service.providers.cloud import (
     CloudDriver,
     CloudOptions,
@@ -113,6 +114,11 @@ class LiveAvatarSettings(BaseSettings):
     reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
     reaper_grace_s: float = Field(default=60.0, ge=0)
     expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` this long before the limit
+    # LITE: our brain answers, our TTS speaks. FULL: LiveAvatar's LLM answers from a Context.
+    mode: Literal["LITE", "FULL"] = "LITE"
+    context_id: str = ""  # FULL: empty = one created once from `knowledge_file`, its id cached in Redis
+    knowledge_file: str = ""  # FULL: empty = the bundled avatar_service/knowledge.md
+    voice_id: str = ""  # FULL: the avatar's voice; empty = the avatar's default
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,9 @@ class LiveAvatarOptions:
     reaper_interval_s: float = 120.0
     reaper_grace_s: float = 60.0
     mode: str = "LITE"
+    context_id: str = ""
+    knowledge_file: str = ""
+    voice_id: str = ""
 
     @classmethod
     def from_settings(cls, v: LiveAvatarSettings) -> LiveAvatarOptions:
@@ -143,7 +152,8 @@ class LiveAvatarOptions:
             max_session_s=v.max_session_s, keepalive_s=v.keepalive_s, http_timeout_s=v.http_timeout_s,
             connect_timeout_s=v.connect_timeout_s, first_chunk_ms=v.first_chunk_ms, chunk_ms=v.chunk_ms,
             stop_grace_s=v.stop_grace_s, expiry_warning_s=v.expiry_warning_s,
-            reaper_interval_s=v.reaper_interval_s, reaper_grace_s=v.reaper_grace_s,
+            reaper_interval_s=v.reaper_interval_s, reaper_grace_s=v.reaper_grace_s, mode=v.mode,
+            context_id=v.context_id, knowledge_file=v.knowledge_file, voice_id=v.voice_id,
         )
 
 
@@ -205,6 +215,11 @@ class LiveAvatarClient(VendorApi):
             expires_at=time.time() + limit if isinstance(limit, int | float) and limit > 0 else None,
             agent_token=data.get("livekit_agent_token") if isinstance(data.get("livekit_agent_token"), str) else None,
         )
+
+    async def create_context(self, name: str, prompt: str, opening_text: str = "") -> str:
+        """`POST /v1/contexts` (FULL mode's knowledge, the old knowledge base) → its id."""
+        data = await self._call("POST", "/v1/contexts", {"name": name, "prompt": prompt, "opening_text": opening_text})
+        return _required(data, "id", "/v1/contexts")
 
     async def keep_alive(self, session_id: str) -> None:
         await self._call("POST", "/v1/sessions/keep-alive", {"session_id": session_id}, retries=2)
@@ -277,7 +292,7 @@ class LiveAvatarReaping:
 
     async def list_own_sessions(self) -> list[VendorSession]:
         return [s for s in await self.client.list_sessions()
-                if s.source in ("", "API") and s.mode in ("", self.options.mode)]
+                if s.source in ("", "API") and s.mode in ("", self.options.mode, "CUSTOM")]
 
     async def stop_session(self, vendor_id: str, reason: EndReason) -> bool:
         return await self.client.stop(vendor_id, STOP_REASONS[reason])
@@ -303,13 +318,21 @@ class LiveAvatarDriver(CloudDriver):
             raise SystemExit("AVATAR_PROVIDER=liveavatar needs LIVEAVATAR_AVATAR_ID")
         self.client = LiveAvatarClient(self.options.server_url, self.options.api_key,
                                        timeout_s=self.options.http_timeout_s)
-        if tts is None:  # loading blocks for ~1 s: construct the driver off the event loop
+        self.contexts = Contexts(bus.r, self.client, self.options.context_id, self.options.knowledge_file)
+        if tts is None and self.options.mode == "LITE":  # loading blocks for ~1 s: construct off the loop
             tts = PiperTts(settings=settings)
             tts.warm_up()
         self.tts = tts
 
-    async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> LiveAvatarSession:
+    async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> CloudSession:
+        if self.options.mode == "FULL":
+            return LiveAvatarFullSession(self, session_id, config, self._cloud_options())
         return LiveAvatarSession(self, session_id, config)
+
+    def _cloud_options(self) -> CloudOptions:
+        o = self.options
+        return CloudOptions(keepalive_s=o.keepalive_s, expiry_warning_s=o.expiry_warning_s, sandbox=o.sandbox,
+                            rollover=self.cloud.rollover, rollover_lead_s=self.cloud.rollover_lead_s)
 
     async def _close_clients(self) -> None:
         await self.client.aclose()
@@ -392,12 +415,8 @@ class LiveAvatarSession(CloudSession):
     answers_itself = False
 
     def __init__(self, driver: LiveAvatarDriver, sid: str, config: SessionConfig) -> None:
-        o = driver.options
-        cloud = driver.cloud
-        super().__init__(driver, sid, config, CloudOptions(
-            keepalive_s=o.keepalive_s, expiry_warning_s=o.expiry_warning_s, sandbox=o.sandbox,
-            rollover=cloud.rollover, rollover_lead_s=cloud.rollover_lead_s))
-        self.options = o
+        super().__init__(driver, sid, config, driver._cloud_options())
+        self.options = driver.options
         self.client = driver.client
         self.tts = driver.tts
         self.connected = asyncio.Event()

@@ -28,6 +28,14 @@ not from our client:
   `agent.speak_started` / `agent.speak_ended` are sent only with `speak_events=True` (real sessions
   may not send them: livekit/agents#7232); `state_events=False` leaves only those.
 
+FULL mode (with `livekit=` a real LiveKit server, `tests/livekit_util.py`): `POST /v1/contexts`
+makes a Context (`{name, prompt, opening_text}` → `id`); the token's `avatar_persona.context_id` must
+be known. At start the fake's avatar joins the session's room as `heygen`; the LiveKit tokens it
+hands out are for that room (viewer: subscribe only; agent: may publish data). On `agent-control`
+it answers `avatar.speak_response` from the Context (`avatar.speak_started`, `avatar.transcription`,
+then `avatar.speak_ended` after the answer's speaking time) on `agent-response`; `avatar.interrupt`
+cuts it short; the session's end is `session.stopped` (`end_reason`) there.
+
 Every session starts in `_begin` and ends in `_end` (one place each, for hooks such as publishing
 into a real LiveKit room). Records: `calls` (no secrets), and per session `received` (every
 command after `connected`, the audio as its decoded length), `audio` (event_id → decoded PCM),
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import threading
@@ -95,6 +104,9 @@ class FakeSession:
     ws: WebSocket | None = None
     ws_loop: asyncio.AbstractEventLoop | None = None
     timer: asyncio.TimerHandle | None = None
+    room: Any = None  # FULL: the fake avatar's LiveKit room
+    control: list[dict[str, Any]] = field(default_factory=list)  # FULL: what arrived on agent-control
+    responses: list[dict[str, Any]] = field(default_factory=list)  # FULL: what the avatar sent back
 
     @property
     def utterances(self) -> dict[str, bytes]:
@@ -119,7 +131,7 @@ class FakeLiveAvatar(ThreadedFake):
 
     def __init__(self, api_key: str, *, connect_delay_s: float = 0.05, speech_speed: float = 1.0,
                  speak_events: bool = True, state_events: bool = True, plan_limit_s: float | None = None,
-                 sandbox_limit_s: float = 60.0) -> None:
+                 sandbox_limit_s: float = 60.0, livekit: Any = None) -> None:
         self.api_key = api_key
         self.connect_delay_s = connect_delay_s
         self.speech_speed = speech_speed
@@ -127,6 +139,9 @@ class FakeLiveAvatar(ThreadedFake):
         self.state_events = state_events
         self.plan_limit_s = plan_limit_s
         self.sandbox_limit_s = sandbox_limit_s
+        self.livekit = livekit  # tests.livekit_util.LiveKitServer, for FULL mode
+        self.contexts: dict[str, dict[str, Any]] = {}
+        self.answer_ms_per_char = 10.0
         self.livekit_url = "ws://127.0.0.1:7880"
         self.calls: list[Call] = []
         self.sessions: dict[str, FakeSession] = {}
@@ -176,6 +191,15 @@ class FakeLiveAvatar(ThreadedFake):
             s.status = "started"
             return s.session_id
 
+    def stop(self) -> None:
+        """Every avatar leaves its LiveKit room before the server thread ends (no dangling rooms)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            for s in [s for s in self.sessions.values() if s.room is not None]:
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(self._avatar_leaves(s, "UNKNOWN"), loop).result(5)
+        super().stop()
+
     def active(self) -> list[FakeSession]:
         return [s for s in self.sessions.values() if s.status == "started"]
 
@@ -186,9 +210,11 @@ class FakeLiveAvatar(ThreadedFake):
         limit = s.request.get("max_session_duration") or self.plan_limit_s or (
             self.sandbox_limit_s if s.request.get("is_sandbox") else None)
         s.limit_s = float(limit) if limit else None
+        loop = asyncio.get_running_loop()
         if s.limit_s:
-            loop = asyncio.get_running_loop()
             s.timer = loop.call_later(s.limit_s, lambda: loop.create_task(self._end(s, "MAX_DURATION_REACHED")))
+        if s.mode == "FULL" and self.livekit is not None:
+            s.room = loop.create_task(self._avatar_joins(s))
 
     async def _end(self, s: FakeSession, reason: str) -> None:
         if s.status == "closed":
@@ -197,11 +223,66 @@ class FakeLiveAvatar(ThreadedFake):
         s.stop_reason = reason
         if s.timer is not None:
             s.timer.cancel()
+        if s.room is not None:
+            await self._avatar_leaves(s, reason)
         if s.ws is not None and s.ws_loop is not None:
             ws = s.ws
             for state in ("closing", "closed"):
                 await _send_on(s, {"type": "session.state_updated", "state": state}, ws)
             await _close(ws, 1000)
+
+    # ---- FULL mode: the avatar in the session's LiveKit room
+
+    async def _avatar_joins(self, s: FakeSession) -> Any:
+        from livekit import rtc
+
+        room = rtc.Room()
+        answering: dict[str, asyncio.Task[None]] = {}
+
+        async def respond(event_type: str, **payload: Any) -> None:
+            message = {"event_type": event_type, "event_id": uuid.uuid4().hex, "session_id": s.session_id, **payload}
+            s.responses.append(message)
+            await room.local_participant.publish_data(json.dumps(message), reliable=True, topic="agent-response")
+
+        async def answer(source: str, question: str) -> None:
+            persona = s.request.get("avatar_persona") or {}
+            context = self.contexts.get(persona.get("context_id", ""), {})
+            knowledge = str(context.get("prompt", "")).strip().splitlines()[:1] or ["I have no context."]
+            text = f"About {question.strip()[:60]}: {knowledge[0][:120]}"
+            await respond("avatar.speak_started", source_event_id=source)
+            await respond("avatar.transcription", text=text, source_event_id=source)
+            try:
+                await asyncio.sleep(len(text) * self.answer_ms_per_char / 1000 * self.speech_speed)
+            finally:
+                await respond("avatar.speak_ended", source_event_id=source)
+
+        @room.on("data_received")
+        def _on_data(packet: Any) -> None:
+            if packet.topic != "agent-control":
+                return
+            try:
+                event = json.loads(packet.data)
+            except ValueError:
+                return
+            s.control.append({**event, "_from": packet.participant.identity if packet.participant else None})
+            kind = event.get("event_type")
+            if kind == "avatar.speak_response":
+                task = asyncio.get_running_loop().create_task(answer(event.get("event_id", ""), str(event.get("text"))))
+                answering[event.get("event_id", "")] = task
+            elif kind == "avatar.interrupt":
+                for task in answering.values():
+                    task.cancel()
+
+        await room.connect(self.livekit.url, self.livekit.token("heygen", s.session_id))
+        return room, respond
+
+    async def _avatar_leaves(self, s: FakeSession, reason: str) -> None:
+        task, s.room = s.room, None
+        with contextlib.suppress(Exception):
+            room, respond = await task
+            await respond("session.stopped", end_reason=reason)
+            await asyncio.sleep(0.2)  # let the message reach the room before the avatar leaves
+            await room.disconnect()
 
     # ---- REST
 
@@ -258,8 +339,18 @@ class FakeLiveAvatar(ThreadedFake):
             if mode not in ("FULL", "LITE", "CUSTOM") or not UUID_RE.match(str(body.get("avatar_id", ""))):
                 detail = [{"loc": ["body", "avatar_id"], "msg": "invalid", "type": "value_error"}]
                 return 422, {"detail": detail}, None, None
+            persona = body.get("avatar_persona") if isinstance(body.get("avatar_persona"), dict) else {}
+            if mode == "FULL" and persona.get("context_id") and persona["context_id"] not in self.contexts:
+                return 400, {"code": 4000, "message": "context not found"}, None, None
             s = self._new(body, time.time())
             return ok({"session_id": s.session_id, "session_token": s.token}, sid=s.session_id)
+        if method == "POST" and path == "/v1/contexts":
+            if auth != "api_key" or not str(body.get("name", "")).strip() or not str(body.get("prompt", "")).strip():
+                return 422, {"detail": [{"loc": ["body", "prompt"], "msg": "required", "type": "missing"}]}, None, None
+            context_id = str(uuid.uuid4())
+            self.contexts[context_id] = {"name": body["name"], "prompt": body["prompt"],
+                                         "opening_text": body.get("opening_text", "")}
+            return ok({"id": context_id, "name": body["name"]})
         if method == "POST" and path == "/v1/sessions/start":
             s = self.sessions.get(bearer_sid or "")
             if s is None:
@@ -268,8 +359,13 @@ class FakeLiveAvatar(ThreadedFake):
                 return 400, {"code": 4000, "message": "session already started"}, s.session_id, None
             self._begin(s)
             ws_url = f"ws://127.0.0.1:{self.port}/v1/ws/{s.session_id}?token={s.ws_token}" if s.mode == "LITE" else None
-            data = {"session_id": s.session_id, "livekit_url": self.livekit_url,
-                    "livekit_client_token": "lk-client-" + s.session_id, "livekit_agent_token": "lk-agent-x",
+            url, client, agent = self.livekit_url, "lk-client-" + s.session_id, "lk-agent-x"
+            if self.livekit is not None:
+                url = self.livekit.url
+                client = self.livekit.token(f"viewer-{s.session_id[:8]}", s.session_id, publish=False)
+                agent = self.livekit.token(f"agent-{s.session_id[:8]}", s.session_id)
+            data = {"session_id": s.session_id, "livekit_url": url,
+                    "livekit_client_token": client, "livekit_agent_token": agent,
                     "max_session_duration": int(s.limit_s) if s.limit_s else None, "ws_url": ws_url}
             return ok(data, 201, s.session_id)
         if (path in ("/v1/sessions/keep-alive", "/v1/sessions/stop") and method == "POST") or (
