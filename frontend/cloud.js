@@ -8,14 +8,9 @@
 
 const VENDOR_SCRIPT = new URL("./node_modules/livekit-client/dist/livekit-client.umd.js", import.meta.url);
 const MAX_RELAY_BYTES = 3500; // the server accepts avatar.event payloads up to 4 KiB
-// What the server acts on: HeyGen's talking events (matched by task_id), LiveAvatar FULL mode's.
-const RELAYED = new Set([
-  "avatar_start_talking",
-  "avatar_stop_talking",
-  "avatar.speak_started",
-  "avatar.speak_ended",
-  "session.stopped",
-]);
+// What the server acts on: HeyGen's talking events (matched by task_id). LiveAvatar's events reach the
+// avatar worker itself (its LITE socket, or the room it joins as the agent in FULL mode).
+const RELAYED = new Set(["avatar_start_talking", "avatar_stop_talking"]);
 
 let loading = null;
 
