@@ -327,3 +327,40 @@ def test_end_reasons_are_one_set_from_the_stored_reason() -> None:
     assert EndReason.of_session("avatar_time_limit") is EndReason.TIME_LIMIT
     assert EndReason.of_session("stt_auth") is EndReason.ERROR
     assert EndReason.TIME_LIMIT.expected and not EndReason.LOST.expected
+
+
+# ---------------------------------------------------------------- every vendor call of one session
+
+
+async def test_the_calls_of_three_turns_with_a_barge_in_and_a_vendor_side_expiry(
+    rig: Callable[..., Rig], fake: FakeLiveAvatar
+) -> None:
+    h = rig(liveavatar_keepalive_s=0.3)
+    session = await h.session()
+    vid = session.vendor.vendor_id  # type: ignore[union-attr]
+    vendor = fake.sessions[vid]
+    assert await session.speak("r-1", "Hello there.") == "Hello there."
+    long_text = " ".join(f"Sentence {i} of a long answer." for i in range(30))
+    speaking = asyncio.create_task(session.speak("r-2", long_text))
+    await until(lambda: vendor.of_type("agent.speak")[1:] and vendor.events("agent.state_updated")[2:])
+    await session.on_user_speaking(True)  # the user talks over the avatar: listening pose, barge-in
+    await session.interrupt()
+    await asyncio.wait_for(speaking, GUARD_S)
+    await session.on_user_speaking(False)
+    assert await session.speak("r-3", "Anything else?") == "Anything else?"
+    await until(lambda: vendor.of_type("session.keep_alive"))
+    fake.expire(vid)  # the vendor's duration limit
+    ended = await h.wait_event(session.sid, "session.ended")
+    await session.stop("session_ended")  # what the worker does once the session ended
+    rest = [f"{c.method} {c.path}" for c in fake.calls if c.session_id == vid or c.path == "/v1/sessions/token"]
+    socket: list[str] = []
+    for r in vendor.received:
+        if not socket or socket[-1] != r.type or r.type != "agent.speak":
+            socket.append(r.type)
+    print("\nREST:", rest, "\nWS commands:", socket, "\nWS events:",
+          list(dict.fromkeys(e["type"] for e in vendor.sent)), "\nended:", ended["reason"])
+    assert rest == ["POST /v1/sessions/token", "POST /v1/sessions/start", "POST /v1/sessions/stop"]
+    assert ended["reason"] == "avatar_closed"  # fake.expire without a known limit: the vendor's own end
+    assert socket[:2] == ["agent.speak", "agent.speak_end"] and "agent.interrupt" in socket
+    assert socket.index("agent.start_listening") < socket.index("agent.interrupt") < socket.index(
+        "agent.stop_listening")

@@ -1008,3 +1008,32 @@ class TestTakeover:
 
     def test_no_secret_in_any_event_or_log(self, run: StackRun) -> None:
         run.assert_no_secrets()
+
+
+async def test_the_calls_of_three_turns_with_a_barge_in_and_a_vendor_side_expiry(
+    rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis
+) -> None:
+    fake.duration_limit_s = 4
+    h = rig(heygen_keepalive_s=0.3, heygen_expiry_warning_s=1)
+    session = await h.open()
+    await session.start()
+    vid = h.vendor_id(session)
+    h.relay(session)
+    await session.speak("r-1", "Hello there.")
+    speaking = asyncio.create_task(session.speak("r-2", LONG_TEXT[:800]))
+    await until(lambda: fake.calls_to("/v1/streaming.task", vid)[1:])
+    await session.on_user_speaking(True)
+    await session.interrupt()
+    await asyncio.wait_for(speaking, GUARD_S)
+    await session.on_user_speaking(False)
+    await session.speak("r-3", "Anything else?")
+    ended = await until_event(r, session.sid, "session.ended")  # the duration limit
+    await session.stop("session_ended")
+    calls = [c.path.removeprefix("/v1/") for c in fake.calls if c.session_id == vid or "token" in c.path]
+    compact = [p for i, p in enumerate(calls) if i == 0 or p != calls[i - 1] or p != "streaming.keep_alive"]
+    print("\nHeyGen calls:", compact, "\nended:", ended["reason"])
+    assert ended["reason"] == "avatar_time_limit"
+    assert compact[:3] == ["streaming.create_token", "streaming.new", "streaming.start"]
+    assert "streaming.interrupt" in compact and compact.count("streaming.task") == 3
+    assert {"streaming.start_listening", "streaming.stop_listening"} <= set(compact)  # fire-and-forget calls
+    assert compact[-1] == "streaming.stop"
