@@ -170,7 +170,12 @@ class LiveAvatarFullSession(CloudSession):
         def _on_disconnected(*_args: Any) -> None:
             stopped.set()
 
-        await room.connect(handle.livekit_url, handle.agent_token or "")
+        try:
+            await room.connect(handle.livekit_url, handle.agent_token or "")
+        except Exception:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(room.disconnect())
+            raise
         self._room = room
         keepalive = asyncio.create_task(self._keepalive(handle))
         try:
@@ -179,7 +184,7 @@ class LiveAvatarFullSession(CloudSession):
             self._room = None
             keepalive.cancel()
             with contextlib.suppress(Exception):
-                await room.disconnect()
+                await asyncio.shield(room.disconnect())
         try:
             await self.client.keep_alive(handle.vendor_id)
         except self.error_type as exc:

@@ -217,9 +217,12 @@ class CloudDriver:
 
     async def aclose(self) -> None:
         """Worker shutdown: let go of every session here, never stop them (they are handed back)."""
-        for session in list(self.served):
+        sessions = list(self.served)
+        for session in sessions:
             session.release()
-        await asyncio.sleep(0)
+        links = [s._link for s in sessions if s._link is not None]
+        if links:  # let each link close its socket / leave its room before the loop goes
+            await asyncio.wait(links, timeout=5.0)
         await self._close_clients()
 
     async def _close_clients(self) -> None:
@@ -421,6 +424,8 @@ class CloudSession(ABC):
             except asyncio.CancelledError:
                 run.cancel()
                 watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(run), 5.0)  # its socket / room closes first
                 raise
             if run in done:
                 watch.cancel()
