@@ -1,4 +1,5 @@
-"""The cloud-avatar lifecycle (`providers/cloud.py`) with LiveAvatar's adapter, in this process.
+"""The cloud-avatar lifecycle (`providers/cloud.py`) with LiveAvatar's adapter, in this process (and
+one test through the whole stack).
 
 Real Redis, the LiveAvatar fake on loopback (written from the vendor's contract: an account-wide,
 paged session list; duration limits that close the socket; the state/buffer event stream), and a
@@ -33,9 +34,13 @@ from common.models import SessionConfig
 from common.pcm import StreamResampler
 from common.sessions import SessionStore
 from common.settings import Settings
+from tests.client import Browser, create_session
+from tests.conftest import start_stack
 from tests.fakes.liveavatar import SANDBOX_AVATAR, FakeLiveAvatar
+from tests.fakes.llm import FakeLlm
 
 KEY = "la-test-key-lifecycle-41c2"
+LLM_KEY = "sk-llm-lifecycle-5d0e"
 GUARD_S = 20.0
 TTS_RATE = 22_050
 
@@ -364,3 +369,36 @@ async def test_the_calls_of_three_turns_with_a_barge_in_and_a_vendor_side_expiry
     assert socket[:2] == ["agent.speak", "agent.speak_end"] and "agent.interrupt" in socket
     assert socket.index("agent.start_listening") < socket.index("agent.interrupt") < socket.index(
         "agent.stop_listening")
+
+
+# ---------------------------------------------------------------- through the whole stack
+@pytest.mark.slow
+async def test_the_vendors_time_limit_is_an_expected_end_through_the_whole_stack(redis_url: str) -> None:
+    """A short `max_session_duration`: the page is warned, then the session ends with the real
+    reason; the worker neither reconnects to the closed session nor reports `avatar_lost`."""
+    # Its own module-less stack: a module-scoped stack elsewhere would claim this session's job.
+    with FakeLiveAvatar(api_key=KEY) as fake, FakeLlm(api_key=LLM_KEY, token_delay_s=0.01) as llm:
+        stack = start_stack(
+            redis_url, AVATAR_PROVIDER="liveavatar", LIVEAVATAR_API_KEY=KEY, LIVEAVATAR_SERVER_URL=fake.url,
+            LIVEAVATAR_AVATAR_ID=SANDBOX_AVATAR, LIVEAVATAR_MAX_SESSION_S="6", LIVEAVATAR_EXPIRY_WARNING_S="4",
+            LLM_BASE_URL=llm.url, LLM_API_KEY=LLM_KEY, LLM_MODEL="fake-model",
+        )
+        try:
+            llm.script(["Short answer."])
+            browser = Browser(await create_session(stack.base_url))
+            await browser.connect()
+            await browser.wait_type("session.ready", GUARD_S)
+            await browser.send_json({"type": "text", "text": "hello"})  # a turn before the limit is answered
+            await browser.wait_type("avatar.stopped_talking", GUARD_S)
+            warning = await browser.wait_type("error", GUARD_S)
+            assert warning["code"] == "avatar_expiring" and warning["fatal"] is False
+            ended = await browser.wait_type("session.ended", GUARD_S)
+            assert ended["reason"] == "avatar_time_limit"
+            [vendor] = fake.sessions.values()
+            await until(lambda: vendor.status == "closed")
+            assert vendor.stop_reason == "MAX_DURATION_REACHED"
+            assert [e["code"] for e in browser.of_type("error")] == ["avatar_expiring"]  # no avatar_lost
+            assert vendor.sockets == 1  # no reconnect to a session that ended
+            await browser.close()
+        finally:
+            stack.stop_all()

@@ -256,32 +256,3 @@ def test_no_secret_in_any_event_or_log(run: Run) -> None:
     for secret in secrets:
         assert secret not in events
 
-
-@pytest.mark.slow
-async def test_the_vendors_time_limit_is_an_expected_end_through_the_whole_stack(redis_url: str) -> None:
-    """A short `max_session_duration`: the page is warned, then the session ends with the real
-    reason; the worker neither reconnects to the closed session nor reports `avatar_lost`."""
-    with FakeLiveAvatar(api_key=KEY) as fake, FakeLlm(api_key=LLM_KEY, token_delay_s=0.01) as llm:
-        stack = start_stack(
-            redis_url, AVATAR_PROVIDER="liveavatar", LIVEAVATAR_API_KEY=KEY, LIVEAVATAR_SERVER_URL=fake.url,
-            LIVEAVATAR_AVATAR_ID=SANDBOX_AVATAR, LIVEAVATAR_MAX_SESSION_S="6", LIVEAVATAR_EXPIRY_WARNING_S="4",
-            LLM_BASE_URL=llm.url, LLM_API_KEY=LLM_KEY, LLM_MODEL="fake-model",
-        )
-        try:
-            llm.script(["Short answer."])
-            browser = Browser(await create_session(stack.base_url))
-            await browser.connect()
-            await browser.wait_type("session.ready", GUARD_S)
-            await talk(browser, "hello")  # a turn before the limit is answered as usual
-            warning = await browser.wait_type("error", GUARD_S)
-            assert warning["code"] == "avatar_expiring" and warning["fatal"] is False
-            ended = await browser.wait_type("session.ended", GUARD_S)
-            assert ended["reason"] == "avatar_time_limit"
-            [vendor] = fake.sessions.values()
-            await until(lambda: vendor.status == "closed")
-            assert vendor.stop_reason == "MAX_DURATION_REACHED"
-            assert [e["code"] for e in browser.of_type("error")] == ["avatar_expiring"]  # no avatar_lost
-            assert vendor.sockets == 1  # no reconnect to a session that ended
-            await browser.close()
-        finally:
-            stack.stop_all()
