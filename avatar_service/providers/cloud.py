@@ -439,7 +439,11 @@ class CloudSession(ABC):
             run.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await run
-            if fresh is None or self._released or self._stopped:
+            if fresh is not None and (self._released or self._stopped):  # let go meanwhile: not needed
+                self._not_switching.set()
+                await asyncio.shield(self._discard(fresh.vendor_id, EndReason.REPLACED, keep_fields=True))
+                return
+            if fresh is None:
                 return
             handle = await asyncio.shield(self._switch(handle, fresh))
 
@@ -454,7 +458,10 @@ class CloudSession(ABC):
             await _sleep_until(handle.expires_at - lead)
             fresh = await self._fresh_session()
             if fresh is not None:
-                with contextlib.suppress(TimeoutError):  # let the reply being spoken finish
+                # A turn that arrives from now on waits and is spoken by the fresh session; the reply
+                # being spoken finishes on this one (its link still runs).
+                self._not_switching.clear()
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._quiet.wait(), max(0.0, handle.expires_at - SWITCH_MARGIN_S
                                                                    - time.time()))
                 return fresh
@@ -488,11 +495,7 @@ class CloudSession(ABC):
 
     async def _switch(self, old: VendorHandle, new: VendorHandle) -> VendorHandle:
         """Move the session (and the page, with a new `session.ready`) to `new`; stop `old`."""
-        self._not_switching.clear()  # a turn that arrives now waits, and is spoken by the fresh session
         try:
-            left = (old.expires_at - SWITCH_MARGIN_S - time.time()) if old.expires_at else 5.0
-            with contextlib.suppress(TimeoutError):  # a reply that started meanwhile finishes first
-                await asyncio.wait_for(self._quiet.wait(), max(0.1, left))
             self.vendor = new
             await self.store.set_fields(self.sid, **{self.fields.vendor_id: new.vendor_id,
                                                      self.fields.handle: new.to_json(), self.fields.started: "1"})
