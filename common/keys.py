@@ -12,6 +12,12 @@ GROUP_STT = "stt"
 GROUP_AVATAR = "avatar"
 
 
+def vendor_sessions(vendor: str) -> str:
+    """Hash: vendor session id -> JSON {sid, at} of every paid avatar session this deployment started
+    and has not yet stopped. The reaper stops only these (never another app's sessions on the account)."""
+    return f"vendor_sessions:{vendor}"
+
+
 def session(sid: str) -> str:
     """Hash: config, state, token hash, cursors, vendor ids."""
     return f"session:{{{sid}}}"

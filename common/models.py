@@ -108,6 +108,7 @@ browser_message_adapter: TypeAdapter[BrowserMessage] = TypeAdapter(BrowserMessag
 class LiveKitInfo(BaseModel):
     url: str
     token: str
+    avatar_identity: str | None = None  # the avatar's participant: the page takes tracks only from it
 
 
 class SessionReady(_Event):

@@ -28,6 +28,29 @@ def resample_pcm16(pcm: bytes, src_rate: int, dst_rate: int) -> bytes:
     return soxr.resample(samples, src_rate, dst_rate).astype("<i2").tobytes()
 
 
+class StreamResampler:
+    """Resamples one continuous PCM16 stream chunk by chunk, keeping the filter state between chunks.
+
+    Resampling each chunk on its own restarts the filter at every edge: a click each time. One
+    instance per utterance; `flush()` at its end returns the samples the filter still holds.
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self.passthrough = src_rate == dst_rate
+        self._stream = None if self.passthrough else soxr.ResampleStream(src_rate, dst_rate, 1, dtype="int16")
+
+    def push(self, pcm: bytes) -> bytes:
+        if self.passthrough or not pcm:
+            return pcm
+        samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2")
+        return self._stream.resample_chunk(samples).astype("<i2").tobytes()
+
+    def flush(self) -> bytes:
+        if self.passthrough:
+            return b""
+        return self._stream.resample_chunk(np.zeros(0, dtype="<i2"), last=True).astype("<i2").tobytes()
+
+
 def duration_s(pcm: bytes, rate: int = SAMPLE_RATE) -> float:
     return len(pcm) / 2 / rate
 

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
 
     # Providers
     stt_provider: Literal["auto", "local", "deepgram"] = "auto"
-    avatar_provider: Literal["auto", "local", "heygen", "liveavatar"] = "auto"
+    avatar_provider: str = "auto"  # auto | local | a module of avatar_service/providers (liveavatar, heygen)
 
     # Deepgram
     deepgram_api_key: SecretStr | None = None
@@ -34,39 +34,8 @@ class Settings(BaseSettings):
     # Deepgram is slow or unreachable before the worker stops reading the session's stream.
     deepgram_replay_max_s: float = Field(default=30.0, ge=1.0, le=300.0)
 
-    # HeyGen / LiveAvatar
-    heygen_api_key: SecretStr | None = None
-    heygen_server_url: str = "https://api.heygen.com"
-    heygen_avatar_id: str = ""
-    heygen_voice_id: str = ""
-    heygen_knowledge_base_id: str = ""
-    heygen_task_type: Literal["talk", "repeat"] = "talk"  # talk: HeyGen answers from its knowledge base
-    heygen_quality: Literal["low", "medium", "high"] = "medium"
-    heygen_voice_rate: float = Field(default=1.0, gt=0.4, le=2.0)
-    heygen_voice_emotion: str = ""  # Excited | Serious | Friendly | Soothing | Broadcaster
-    heygen_task_max_chars: int = Field(default=900, ge=50, le=1000)
-    heygen_idle_timeout_s: int = Field(default=300, ge=30, le=3600)
-    heygen_keepalive_s: float = Field(default=60.0, gt=0)
-    heygen_stop_grace_s: float = Field(default=2.0, ge=0)
-    heygen_http_timeout_s: float = Field(default=10.0, ge=1)
-    heygen_kb_prompt_file: str = ""  # empty = the bundled knowledge file
-    heygen_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
-    heygen_reaper_grace_s: float = Field(default=60.0, ge=0)
-    liveavatar_api_key: SecretStr | None = None
-    liveavatar_server_url: str = "https://api.liveavatar.com"
-    liveavatar_avatar_id: str = ""  # uuid; the sandbox works only with dd73ea75-1218-4ef3-92ce-606d5f7fbc0a
-    liveavatar_sandbox: bool = False  # `is_sandbox`: free ~1 minute sessions for development
-    liveavatar_video_quality: Literal["very_high", "high", "medium", "low"] = "high"
-    liveavatar_video_encoding: Literal["VP8", "H264"] = "VP8"
-    liveavatar_max_session_s: int = Field(default=0, ge=0)  # 0 = the plan's limit
-    liveavatar_keepalive_s: float = Field(default=60.0, gt=0)  # `session.keep_alive` after this long idle
-    liveavatar_http_timeout_s: float = Field(default=10.0, ge=1)
-    liveavatar_connect_timeout_s: float = Field(default=15.0, gt=0)  # until the WS says `connected`
-    liveavatar_first_chunk_ms: int = Field(default=400, ge=20, le=2000)
-    liveavatar_chunk_ms: int = Field(default=1000, ge=20, le=5000)
-    liveavatar_stop_grace_s: float = Field(default=2.0, ge=0)  # wait past the audio for `speak_ended`
-    liveavatar_reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
-    liveavatar_reaper_grace_s: float = Field(default=60.0, ge=0)
+    # Cloud avatar vendors: each reads its own settings beside its adapter
+    # (avatar_service/providers/heygen.py: HEYGEN_*, liveavatar.py: LIVEAVATAR_*).
 
     # LiveKit for the local avatar's voice (self-hosted or LiveKit Cloud); unset = the WebSocket voice
     livekit_url: str = ""  # what the avatar worker dials, e.g. ws://127.0.0.1:7880 or wss://x.livekit.cloud
@@ -181,15 +150,6 @@ class Settings(BaseSettings):
         if self.stt_provider != "auto":
             return self.stt_provider
         return "deepgram" if self.deepgram_api_key else "local"
-
-    def resolved_avatar_provider(self) -> str:
-        if self.avatar_provider != "auto":
-            return self.avatar_provider
-        if self.heygen_api_key:
-            return "heygen"
-        if self.liveavatar_api_key:
-            return "liveavatar"
-        return "local"
 
 
 @lru_cache(maxsize=1)

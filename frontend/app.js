@@ -418,7 +418,7 @@ function onReady(event) {
     showView("video");
     app.livekit = { url: event.livekit.url, token: event.livekit.token, state: "connecting", error: null };
     ui.frame.dataset.livekitUrl = event.livekit.url;
-    cloud.connect(event.livekit.url, event.livekit.token);
+    cloud.connect(event.livekit.url, event.livekit.token, event.livekit.avatar_identity);
   } else {
     showView("face");
     lkVoice.disconnect(); // a new owner could not join LiveKit: the voice comes down the socket

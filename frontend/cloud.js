@@ -1,15 +1,19 @@
 // Cloud avatars (HeyGen, LiveAvatar): the vendor streams video and audio over LiveKit. The page
-// joins the room with the url and client token the server handed out, shows the remote tracks,
-// and relays the vendor's data-channel events (e.g. avatar_start_talking) up to the server.
+// joins the room with the url and client token the server handed out, shows the tracks of the
+// avatar's participant only (its identity comes in session.ready; LiveAvatar's is "heygen"), and
+// relays up to the server only the vendor events it needs (talking state), not every per-chunk
+// data message.
 //
 // livekit-client is loaded on demand from its pinned npm build (see setup.sh): the local avatar never needs it.
 
 const VENDOR_SCRIPT = new URL("./node_modules/livekit-client/dist/livekit-client.umd.js", import.meta.url);
 const MAX_RELAY_BYTES = 3500; // the server accepts avatar.event payloads up to 4 KiB
-// The vendors' avatar participants (HeyGen / LiveAvatar rooms: `heygen`; LiveAvatar in your own
-// room: `liveavatar-avatar-agent`): anyone else's tracks and data are not the avatar.
+// Without an identity from session.ready, the vendors' known avatar participants (HeyGen /
+// LiveAvatar rooms: `heygen`; LiveAvatar in your own room: `liveavatar-avatar-agent`).
 const AVATAR_IDENTITIES = new Set(["heygen", "liveavatar-avatar-agent"]);
-const isAvatar = (participant) => !participant || AVATAR_IDENTITIES.has(participant.identity);
+// What the server acts on: HeyGen's talking events (matched by task_id). LiveAvatar's events reach the
+// avatar worker itself (its LITE socket, or the room it joins as the agent in FULL mode).
+const RELAYED = new Set(["avatar_start_talking", "avatar_stop_talking"]);
 
 let loading = null;
 
@@ -49,12 +53,13 @@ export class CloudAvatar {
     this.eventsRelayed = 0;
   }
 
-  async connect(url, token) {
+  async connect(url, token, avatarIdentity = null) {
     // session.ready replayed after a reconnect: same room. A new token means a new vendor session.
     if (this.room && this.url === url && this.token === token) return;
     await this.disconnect();
     this.url = url;
     this.token = token;
+    this.avatarIdentity = avatarIdentity || null;
     this.onState("connecting");
     let lk;
     try {
@@ -67,14 +72,14 @@ export class CloudAvatar {
     const room = new Room({ adaptiveStream: true, dynacast: true });
     this.room = room;
     room
-      .on(RoomEvent.TrackSubscribed, (track, _pub, participant) => {
-        if (!participant || !isAvatar(participant)) return;
+      .on(RoomEvent.TrackSubscribed, (track, _publication, participant) => {
+        if (!this.isAvatar(participant)) return; // another participant (an agent, a viewer): not the face
         if (track.kind === Track.Kind.Video) track.attach(this.video);
         else if (track.kind === Track.Kind.Audio) track.attach(this.audio);
       })
       .on(RoomEvent.TrackUnsubscribed, (track) => track.detach())
       .on(RoomEvent.DataReceived, (payload, participant, _kind, topic) => {
-        if (isAvatar(participant)) this.relay(payload, topic); // no participant: sent by the server
+        if (!participant || this.isAvatar(participant)) this.relay(payload, topic); // none: sent by the server
       })
       .on(RoomEvent.Reconnecting, () => this.onState("reconnecting"))
       .on(RoomEvent.Reconnected, () => this.onState("connected"))
@@ -95,6 +100,11 @@ export class CloudAvatar {
     }
   }
 
+  isAvatar(participant) {
+    if (!participant) return false;
+    return this.avatarIdentity ? participant.identity === this.avatarIdentity : AVATAR_IDENTITIES.has(participant.identity);
+  }
+
   relay(payload, topic) {
     let msg;
     try {
@@ -104,7 +114,7 @@ export class CloudAvatar {
     }
     if (!msg || typeof msg !== "object") return;
     const type = typeof msg.type === "string" ? msg.type : typeof msg.event_type === "string" ? msg.event_type : "";
-    if (!type) return;
+    if (!type || !RELAYED.has(type)) return; // per-chunk acks and the like: the server has no use for them
     const { type: _t, event: _e, ...rest } = msg;
     if (topic) rest.topic = topic;
     const data = JSON.stringify(rest).length <= MAX_RELAY_BYTES ? rest : {};

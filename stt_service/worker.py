@@ -31,6 +31,7 @@ from common.models import (
     UserSpeech,
     UserTurn,
 )
+from common.retry import Backoff
 from common.sessions import SessionStore
 from common.settings import Settings
 from common.worker import ClaimLoop
@@ -44,6 +45,7 @@ READ_BLOCK_MS = 500
 FINALIZE_AFTER_IDLE_READS = 2  # ~1 s without audio: the browser paused or stopped sending
 CLOSE_TIMEOUT_S = 10.0
 MAX_STREAM_RESTARTS = 5
+RESTART_BACKOFF = Backoff(base_s=0.5, max_s=8.0)  # an engine stream that failed is reopened after this
 
 AUDIO_FRAMES = Counter("stt_audio_frames_total", "Audio frames relayed to the speech engine")
 AUDIO_FRAMES_LOST = Counter(
@@ -105,7 +107,7 @@ class SttWorker:
                 if fatal:
                     await self.store.end(sid, "stt_failed")
                     return
-                await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+                await asyncio.sleep(RESTART_BACKOFF.delay(attempt))
 
 
 class _SttSession:

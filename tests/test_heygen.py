@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
+from avatar_service.providers.cloud import VendorLedger
 from avatar_service.providers.heygen import (
     F_STARTED,
     F_VENDOR_ID,
@@ -32,6 +33,8 @@ from avatar_service.providers.heygen import (
     HeyGenAvatarSession,
     HeyGenClient,
     HeyGenError,
+    HeyGenSettings,
+    make_reaping,
     pack_sentences,
 )
 from avatar_service.reaper import reap_once, run_reaper
@@ -58,13 +61,16 @@ LONG_TEXT = " ".join(
 # ---------------------------------------------------------------- helpers
 
 
-def settings_for(fake: FakeHeyGen, redis_url: str, key: str = KEY, **heygen: Any) -> Settings:
-    """Settings pointing at the fake; `heygen_*` fields not yet in `Settings` are set by copy."""
-    base = Settings(
-        _env_file=None, redis_url=redis_url, avatar_provider="heygen", stt_provider="local",
-        heygen_api_key=SecretStr(key), heygen_server_url=fake.url, heygen_avatar_id="Anna_public",
-    )
-    return base.model_copy(update={"heygen_task_type": "repeat", **heygen})
+def settings_for(fake: FakeHeyGen, redis_url: str) -> Settings:
+    """The shared settings of a test stack (HeyGen's own are `vendor_for`'s)."""
+    return Settings(_env_file=None, redis_url=redis_url, avatar_provider="heygen", stt_provider="local")
+
+
+def vendor_for(fake: FakeHeyGen, key: str = KEY, **heygen: Any) -> HeyGenSettings:
+    """HeyGen's settings pointing at the fake; `heygen_x=…` sets `HEYGEN_X`."""
+    fields = {"task_type": "repeat", **{k.removeprefix("heygen_"): v for k, v in heygen.items()}}
+    return HeyGenSettings(_env_file=None, api_key=SecretStr(key), server_url=fake.url, avatar_id="Anna_public",
+                          **fields)
 
 
 async def until(condition: Callable[[], Any], guard_s: float = GUARD_S, step_s: float = 0.02) -> Any:
@@ -99,11 +105,13 @@ class Rig:
     def __init__(self, fake: FakeHeyGen, r: aioredis.Redis, redis_url: str, **heygen: Any) -> None:
         self.fake = fake
         self.r = r
-        self.settings = settings_for(fake, redis_url, **heygen)
+        self.settings = settings_for(fake, redis_url)
+        self.vendor = vendor_for(fake, **heygen)
         self.bus = Bus(r, self.settings)
         self.store = SessionStore(r, self.bus)
-        self.driver = HeyGenAvatarDriver(self.settings, self.bus)
+        self.driver = HeyGenAvatarDriver(self.settings, self.bus, vendor=self.vendor)
         self.relays: list[asyncio.Task[None]] = []
+        self.closers: list[Callable[[], Any]] = []
 
     async def new_sid(self) -> str:
         sid, _token = await self.store.create(SessionConfig())
@@ -114,7 +122,7 @@ class Rig:
 
     def vendor_id(self, session: HeyGenAvatarSession) -> str:
         assert session.vendor is not None
-        return session.vendor.session_id
+        return session.vendor.vendor_id
 
     def relay(self, session: HeyGenAvatarSession) -> None:
         """Relay the vendor's data-channel events to the session, as the page does."""
@@ -134,6 +142,8 @@ class Rig:
         for task in self.relays:
             task.cancel()
         await asyncio.gather(*self.relays, return_exceptions=True)
+        for close in self.closers:
+            await close()
         await self.driver.aclose()
 
 
@@ -235,7 +245,7 @@ async def test_start_creates_the_session_and_publishes_only_what_the_browser_nee
     new = fake.calls_to("/v1/streaming.new")[-1].body
     [kb_id] = fake.knowledge_bases
     assert new == {
-        "version": "v2", "quality": "high", "language": "en", "activity_idle_timeout": 300,
+        "version": "v2", "quality": "high", "language": "en", "activity_idle_timeout": 300, "video_encoding": "H264",
         "avatar_id": "Anna_public", "voice": {"rate": 1.0, "emotion": "Friendly"}, "knowledge_base_id": kb_id,
     }
     assert "avatar-stack" in fake.knowledge_bases[kb_id]["prompt"]  # the bundled knowledge file
@@ -274,8 +284,8 @@ async def test_knowledge_base_is_created_once_and_cached_in_redis(
     fake.knowledge_bases["kb-configured"] = {"name": "mine", "prompt": "p"}
     for heygen, expected in (({"heygen_task_type": "talk"}, "kb-configured"), ({}, None)):
         h = rig(**heygen)
-        h.settings = h.settings.model_copy(update={"heygen_knowledge_base_id": "kb-configured"})
-        h.driver = HeyGenAvatarDriver(h.settings, h.bus)
+        h.vendor = h.vendor.model_copy(update={"knowledge_base_id": "kb-configured"})
+        h.driver = HeyGenAvatarDriver(h.settings, h.bus, vendor=h.vendor)
         session = await h.open()
         await session.start()
         assert fake.calls_to("/v1/streaming.new")[-1].body.get("knowledge_base_id") == expected
@@ -426,7 +436,7 @@ async def test_a_new_owner_resumes_the_live_vendor_session(
     first = await rig().open()
     await first.start()
     first.release()  # the first worker is gone without stopping it
-    vendor_id = first.vendor.session_id if first.vendor else ""
+    vendor_id = first.vendor.vendor_id if first.vendor else ""
     second = await rig().open(first.sid, resumed=True)
     await second.start()
     assert second.vendor == first.vendor
@@ -444,15 +454,15 @@ async def test_a_new_owner_replaces_a_vendor_session_that_is_gone(
     first = await rig().open()
     await first.start()
     first.release()
-    old = first.vendor.session_id if first.vendor else ""
+    old = first.vendor.vendor_id if first.vendor else ""
     fake.close(old)  # e.g. its idle timeout passed while no worker held it
     second = await rig().open(first.sid, resumed=True)
     await second.start()
-    assert second.vendor is not None and second.vendor.session_id != old
-    assert (await second.store.get(first.sid) or {})[F_VENDOR_ID] == second.vendor.session_id
+    assert second.vendor is not None and second.vendor.vendor_id != old
+    assert (await second.store.get(first.sid) or {})[F_VENDOR_ID] == second.vendor.vendor_id
     ready = [e for e in await events_of(r, first.sid) if e["type"] == "session.ready"]
-    assert ready[-1]["livekit"]["token"] == fake.session(second.vendor.session_id).access_token
-    assert fake.open_sessions() == [second.vendor.session_id]
+    assert ready[-1]["livekit"]["token"] == fake.session(second.vendor.vendor_id).access_token
+    assert fake.open_sessions() == [second.vendor.vendor_id]
     await second.stop("test")
 
 
@@ -462,7 +472,7 @@ async def test_when_no_replacement_can_be_had_the_error_is_clear_and_nothing_lea
     first = await rig().open()
     await first.start()
     first.release()
-    fake.close(first.vendor.session_id if first.vendor else "")
+    fake.close(first.vendor.vendor_id if first.vendor else "")
     fake.max_concurrent = 0
     second = await rig().open(first.sid, resumed=True)
     with pytest.raises(AvatarError) as failed:
@@ -494,8 +504,8 @@ async def test_a_bad_api_key_is_a_clear_fatal_error(
     fake: FakeHeyGen, r: aioredis.Redis, clean_redis: str
 ) -> None:
     h = Rig(fake, r, clean_redis)
-    h.settings = settings_for(fake, clean_redis, key="revoked-key-0000")
-    h.driver = HeyGenAvatarDriver(h.settings, h.bus)
+    h.vendor = vendor_for(fake, key="revoked-key-0000")
+    h.driver = HeyGenAvatarDriver(h.settings, h.bus, vendor=h.vendor)
     session = await h.open()
     with pytest.raises(AvatarError) as failed:
         await session.start()
@@ -513,7 +523,7 @@ async def test_a_vendor_session_that_dies_ends_our_session(
     session = await h.open()
     await session.start()
     fake.close(h.vendor_id(session))
-    await until(lambda: session._lost_once)
+    await until(lambda: session._ending)
     record = await until_record(h.store, session.sid, lambda rec: rec.get(keys.F_STATE) == "ended")
     assert record[keys.F_ENDED_REASON] == "avatar_lost"
     assert [e["code"] for e in await events_of(r, session.sid) if e["type"] == "error"] == ["avatar_lost"]
@@ -529,35 +539,92 @@ async def until_record(store: SessionStore, sid: str, ok: Callable[[dict[str, st
         await asyncio.sleep(0.02)
 
 
+async def test_the_duration_limit_warns_the_page_then_ends_cleanly(
+    rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis
+) -> None:
+    fake.duration_limit_s = 2  # `session_duration_limit`: the fake closes the session then
+    h = rig(heygen_keepalive_s=0.1, heygen_expiry_warning_s=1)
+    session = await h.open()
+    await session.start()
+    vendor_id = h.vendor_id(session)
+    ended = await until_event(r, session.sid, "session.ended")
+    assert ended["reason"] == "avatar_time_limit"  # the real reason, not "ended unexpectedly"
+    await session.stop("session_ended")
+    errors = [e for e in await events_of(r, session.sid) if e["type"] == "error"]
+    assert [(e["code"], e["fatal"]) for e in errors] == [("avatar_expiring", False)]
+    assert fake.session(vendor_id).status == "closed"
+    assert vendor_id not in await VendorLedger(r, "heygen").entries()
+
+
+async def test_listening_pose_while_the_user_talks(rig: Callable[..., Rig], fake: FakeHeyGen) -> None:
+    h = rig()
+    session = await h.open()
+    await session.start()
+    vendor_id = h.vendor_id(session)
+    await session.on_user_speaking(True)
+    await until(lambda: fake.calls_to("/v1/streaming.start_listening", vendor_id))
+    await session.on_user_speaking(False)
+    await until(lambda: fake.calls_to("/v1/streaming.stop_listening", vendor_id))
+    assert await session.pause() is False
+    await session.stop("test")
+
+
+async def until_event(r: aioredis.Redis, sid: str, kind: str) -> dict[str, Any]:
+    deadline = time.monotonic() + GUARD_S
+    while not (found := [e for e in await events_of(r, sid) if e["type"] == kind]):
+        assert time.monotonic() < deadline, f"no {kind}"
+        await asyncio.sleep(0.02)
+    return found[-1]
+
+
 # ---------------------------------------------------------------- reaper
 
 
-async def test_reaper_stops_only_orphans(rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis) -> None:
+async def test_reaper_stops_only_our_orphans(rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis) -> None:
     h = rig()
+    ledger = VendorLedger(r, "heygen")
     live = await h.open()
-    await live.start()  # owned by a live session: kept
+    await live.start()  # ours, owned by a live session: kept
     live.release()
-    orphan = fake.add_session(age_s=600)  # nobody's: stopped
-    young = fake.add_session(age_s=1)  # nobody's yet, but maybe being created: kept
-    ended_sid = await h.new_sid()  # owned by a session that has ended: stopped
+    foreign = fake.add_session(age_s=600)  # on the key but not started by this deployment: never stopped
+    ended_sid = await h.new_sid()  # ours, owned by a session that has ended: stopped
     owned_by_ended = fake.add_session(age_s=600)
+    await ledger.record(owned_by_ended, ended_sid, at=time.time() - 600)
     await h.store.set_fields(ended_sid, **{F_VENDOR_ID: owned_by_ended})
     await h.store.end(ended_sid, "deleted")
-    reaped = await reap_once(r, h.driver.client, grace_s=60)
-    assert sorted(reaped) == sorted([orphan, owned_by_ended])
-    assert sorted(fake.open_sessions()) == sorted([h.vendor_id(live), young])
+    crashed = fake.add_session(age_s=600)  # ours: recorded, then Redis lost the session hash
+    await ledger.record(crashed, "no-such-session", at=time.time() - 600)
+    young = fake.add_session(age_s=1)  # ours, recorded a moment ago: maybe still being started, kept
+    await ledger.record(young, "no-such-session")
+    reaped = await reap_once(await _reaping(h), grace_s=60, r=r)
+    assert sorted(reaped) == sorted([owned_by_ended, crashed])
+    assert sorted(fake.open_sessions()) == sorted([h.vendor_id(live), foreign, young])
+    assert set(await ledger.entries()) == {h.vendor_id(live), young}  # what was stopped is forgotten
+
+
+async def _reaping(h: Rig) -> Any:
+    target = make_reaping(h.settings, h.vendor)
+    assert target is not None
+    h.closers.append(target.aclose)
+    return target
 
 
 async def test_run_reaper_passes_at_start_then_periodically(
     fake: FakeHeyGen, r: aioredis.Redis, clean_redis: str
 ) -> None:
-    settings = settings_for(fake, clean_redis, heygen_reaper_interval_s=0.1, heygen_reaper_grace_s=0.0)
+    settings = settings_for(fake, clean_redis)
+    target = make_reaping(settings, vendor_for(fake, reaper_interval_s=0.1, reaper_grace_s=0.0))
+    ledger = VendorLedger(r, "heygen")
     stop = asyncio.Event()
     early = fake.add_session(age_s=600)
-    reaper = asyncio.create_task(run_reaper(r, settings, stop))
+    await ledger.record(early, "gone-session", at=time.time() - 600)
+    foreign = fake.add_session(age_s=600)
+    reaper = asyncio.create_task(run_reaper(r, settings, stop, target=target))
     await until(lambda: fake.session(early).status == "closed")
     late = fake.add_session()
+    await ledger.record(late, "gone-session")
     await until(lambda: fake.session(late).status == "closed")
+    assert fake.session(foreign).status != "closed"
     stop.set()
     await asyncio.wait_for(reaper, GUARD_S)
 
@@ -930,11 +997,43 @@ class TestTakeover:
         browser = await run.browser()
         await browser.wait_type("session.ready")
         mine = run.vendor_id(browser.session.session_id)
-        orphan = fake.add_session(age_s=600)
+        orphan = fake.add_session(age_s=600)  # ours: recorded by a worker that died, no live session owns it
+        run.stack.redis().hset(keys.vendor_sessions("heygen"), orphan, orjson.dumps({"sid": "gone", "at": 0}))
+        foreign = fake.add_session(age_s=600)  # another app's session on the same key
         await until(lambda: fake.session(orphan).status == "closed")
         assert fake.session(mine).status == "connected"  # owned by a live session: never reaped
+        assert fake.session(foreign).status != "closed"  # not ours: never reaped
         await run.delete(browser)
         await browser.close()
 
     def test_no_secret_in_any_event_or_log(self, run: StackRun) -> None:
         run.assert_no_secrets()
+
+
+async def test_the_calls_of_three_turns_with_a_barge_in_and_a_vendor_side_expiry(
+    rig: Callable[..., Rig], fake: FakeHeyGen, r: aioredis.Redis
+) -> None:
+    fake.duration_limit_s = 4
+    h = rig(heygen_keepalive_s=0.3, heygen_expiry_warning_s=1)
+    session = await h.open()
+    await session.start()
+    vid = h.vendor_id(session)
+    h.relay(session)
+    await session.speak("r-1", "Hello there.")
+    speaking = asyncio.create_task(session.speak("r-2", LONG_TEXT[:800]))
+    await until(lambda: fake.calls_to("/v1/streaming.task", vid)[1:])
+    await session.on_user_speaking(True)
+    await session.interrupt()
+    await asyncio.wait_for(speaking, GUARD_S)
+    await session.on_user_speaking(False)
+    await session.speak("r-3", "Anything else?")
+    ended = await until_event(r, session.sid, "session.ended")  # the duration limit
+    await session.stop("session_ended")
+    calls = [c.path.removeprefix("/v1/") for c in fake.calls if c.session_id == vid or "token" in c.path]
+    compact = [p for i, p in enumerate(calls) if i == 0 or p != calls[i - 1] or p != "streaming.keep_alive"]
+    print("\nHeyGen calls:", compact, "\nended:", ended["reason"])
+    assert ended["reason"] == "avatar_time_limit"
+    assert compact[:3] == ["streaming.create_token", "streaming.new", "streaming.start"]
+    assert "streaming.interrupt" in compact and compact.count("streaming.task") == 3
+    assert {"streaming.start_listening", "streaming.stop_listening"} <= set(compact)  # fire-and-forget calls
+    assert compact[-1] == "streaming.stop"

@@ -1,4 +1,8 @@
-"""HeyGen Interactive Avatar (streaming API, `version: "v2"` over LiveKit) as an avatar driver.
+"""HeyGen Interactive Avatar (legacy streaming API, `version: "v2"` over LiveKit): a cloud adapter.
+
+Deprecated by HeyGen in favour of LiveAvatar: only used with `AVATAR_PROVIDER=heygen`. The
+lifecycle (record before start, resume, keep-alive, stop with the real reason, the duration limit
+`session_duration_limit`, reaping) is `cloud.py`'s; this module holds HeyGen's wire details.
 
 Per session (reference §2): `streaming.create_token` → `streaming.new` → `streaming.start`, then
 `streaming.task` / `streaming.interrupt` / `streaming.keep_alive` while it is live and
@@ -9,12 +13,11 @@ token never leave this process. The session token authenticates the calls that c
 stop, list) uses the API key, so a worker that takes a session over needs nothing secret from Redis.
 
 Why it is shaped like this:
-- A vendor session outlives the worker that created it. Its id is written to the session hash
-  right after `streaming.new`, before `streaming.start`: a worker that takes the session over
-  (crash, graceful hand-back) resumes it after a keep-alive probe instead of paying for a second
-  one, and the orphan reaper (`avatar_service/reaper.py`) never takes it for a leak.
-- Only `stop()` stops the vendor session. A worker that hands its sessions back (SIGTERM) or loses
-  one just stops keeping it alive: the keep-alive task is tied to the task serving the session.
+- A vendor session outlives the worker that created it: its id is recorded right after
+  `streaming.new`, before `streaming.start` (`_reserve` / `_start_reserved`), so a new owner
+  resumes it and the reaper knows it is ours.
+- A keep-alive or task that finds the session gone at its duration limit is an expected end;
+  anywhere else it is `avatar_lost`. `streaming.stop` takes no reason: ours is logged.
 - Whether the avatar is talking comes from the data-channel events the page relays
   (`avatar_start_talking` / `avatar_stop_talking`, matched by `task_id`); the task response's
   `duration_ms` is the fallback for a page that relays nothing.
@@ -30,39 +33,44 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from avatar_service.driver import AvatarError, Speech
+from avatar_service.providers.cloud import (
+    CloudDriver,
+    CloudOptions,
+    CloudSession,
+    CloudSettings,
+    EndReason,
+    Fields,
+    VendorHandle,
+    background,
+)
 from avatar_service.providers.vendor_api import VendorApi, VendorApiError, VendorSession
 from avatar_service.responder import split_sentences
-from common import keys
 from common.bus import Bus
-from common.models import (
-    AvatarStartedTalking,
-    AvatarStoppedTalking,
-    ErrorEvent,
-    LiveKitInfo,
-    SessionConfig,
-    SessionReady,
-)
-from common.sessions import SessionStore
+from common.models import AvatarStartedTalking, AvatarStoppedTalking, ErrorEvent, SessionConfig
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Fields this driver keeps in the session hash `session:{sid}`.
-F_VENDOR_ID = "heygen_session_id"
-F_LIVEKIT_URL = "heygen_livekit_url"
-F_LIVEKIT_TOKEN = "heygen_livekit_token"  # the browser's LiveKit token: it is in `session.ready` anyway
-F_STARTED = "heygen_started"  # "1" once streaming.start succeeded
-VENDOR_FIELDS = (F_VENDOR_ID, F_LIVEKIT_URL, F_LIVEKIT_TOKEN, F_STARTED)
+NAME = "heygen"
+# Fields the lifecycle keeps in the session hash `session:{sid}` (see cloud.py).
+F_VENDOR_ID = Fields(NAME).vendor_id
+F_STARTED = Fields(NAME).started  # "1" once streaming.start succeeded
+DEPRECATED = (
+    "AVATAR_PROVIDER=heygen uses HeyGen's legacy Interactive Avatar streaming API, which HeyGen is "
+    "deprecating in favour of LiveAvatar; move to AVATAR_PROVIDER=liveavatar (LIVEAVATAR_API_KEY)"
+)
 
 KB_KEY_PREFIX = "heygen:kb:"  # + digest of the prompt -> knowledge base id
 KB_LOCK_S = 15
@@ -76,6 +84,32 @@ START_FALLBACK_S = 1.5  # for a page that relays nothing: announce `started_talk
 UNKNOWN_DURATION_S = 30.0  # fallback when a task response has no usable `duration_ms`
 INTERRUPT_TIMEOUT_S = 2.0  # below the worker's wait for an interrupted reply
 RECENT_TASK_EVENTS = 64
+
+class HeyGenSettings(BaseSettings):
+    """`HEYGEN_*`: this vendor's settings, beside its adapter (common/settings.py holds only shared ones)."""
+
+    model_config = SettingsConfigDict(env_prefix="HEYGEN_", env_file=".env", extra="ignore")
+
+    api_key: SecretStr | None = None
+    server_url: str = "https://api.heygen.com"
+    avatar_id: str = ""
+    voice_id: str = ""
+    knowledge_base_id: str = ""
+    task_type: Literal["talk", "repeat"] = "talk"  # talk: HeyGen answers from its knowledge base
+    quality: Literal["low", "medium", "high"] = "medium"
+    voice_rate: float = Field(default=1.0, gt=0.4, le=2.0)
+    voice_emotion: str = ""  # Excited | Serious | Friendly | Soothing | Broadcaster
+    task_max_chars: int = Field(default=900, ge=50, le=1000)
+    idle_timeout_s: int = Field(default=300, ge=30, le=3600)
+    keepalive_s: float = Field(default=60.0, gt=0)
+    stop_grace_s: float = Field(default=2.0, ge=0)
+    http_timeout_s: float = Field(default=10.0, ge=1)
+    kb_prompt_file: str = ""  # empty = the bundled knowledge file
+    reaper_interval_s: float = Field(default=120.0, ge=0)  # 0 = no orphan reaper
+    reaper_grace_s: float = Field(default=60.0, ge=0)
+    video_encoding: Literal["VP8", "H264"] = "H264"  # as HeyGen's own SDK sends
+    expiry_warning_s: float = Field(default=30.0, ge=0)  # `avatar_expiring` before `session_duration_limit`
+
 
 @dataclass(frozen=True)
 class HeyGenOptions:
@@ -98,40 +132,44 @@ class HeyGenOptions:
     kb_prompt_file: str = ""
     reaper_interval_s: float = 120.0
     reaper_grace_s: float = 60.0
+    video_encoding: str = "H264"
+    expiry_warning_s: float = 30.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> HeyGenOptions:
-        key = settings.heygen_api_key.get_secret_value() if settings.heygen_api_key else ""
-        task_type = settings.heygen_task_type.lower()
+    def from_settings(cls, settings: HeyGenSettings) -> HeyGenOptions:
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        task_type = settings.task_type.lower()
         if task_type not in ("talk", "repeat"):
             raise ValueError(f"HEYGEN_TASK_TYPE must be talk or repeat, not {task_type!r}")
-        quality = settings.heygen_quality.lower()
+        quality = settings.quality.lower()
         if quality not in ("low", "medium", "high"):
             raise ValueError(f"HEYGEN_QUALITY must be low, medium or high, not {quality!r}")
-        idle = min(3600, max(30, settings.heygen_idle_timeout_s))  # the vendor's range
-        keepalive = settings.heygen_keepalive_s
+        idle = min(3600, max(30, settings.idle_timeout_s))  # the vendor's range
+        keepalive = settings.keepalive_s
         if not 0 < keepalive <= idle / 2:
             log.warning("HEYGEN_KEEPALIVE_S=%s is not well inside the %d s idle timeout; using %d s",
                         keepalive, idle, idle // 3)
             keepalive = idle / 3
         return cls(
             api_key=key,
-            server_url=settings.heygen_server_url,
-            avatar_id=settings.heygen_avatar_id,
-            voice_id=settings.heygen_voice_id,
-            knowledge_base_id=settings.heygen_knowledge_base_id,
+            server_url=settings.server_url,
+            avatar_id=settings.avatar_id,
+            voice_id=settings.voice_id,
+            knowledge_base_id=settings.knowledge_base_id,
             quality=quality,
-            voice_rate=settings.heygen_voice_rate,
-            voice_emotion=settings.heygen_voice_emotion,
+            voice_rate=settings.voice_rate,
+            voice_emotion=settings.voice_emotion,
             task_type=task_type,
-            task_max_chars=max(50, settings.heygen_task_max_chars),
+            task_max_chars=max(50, settings.task_max_chars),
             idle_timeout_s=idle,
             keepalive_s=keepalive,
-            stop_grace_s=max(0.0, settings.heygen_stop_grace_s),
-            http_timeout_s=max(1.0, settings.heygen_http_timeout_s),
-            kb_prompt_file=settings.heygen_kb_prompt_file,
-            reaper_interval_s=settings.heygen_reaper_interval_s,
-            reaper_grace_s=max(0.0, settings.heygen_reaper_grace_s),
+            stop_grace_s=max(0.0, settings.stop_grace_s),
+            http_timeout_s=max(1.0, settings.http_timeout_s),
+            kb_prompt_file=settings.kb_prompt_file,
+            reaper_interval_s=settings.reaper_interval_s,
+            reaper_grace_s=max(0.0, settings.reaper_grace_s),
+            video_encoding=settings.video_encoding,
+            expiry_warning_s=settings.expiry_warning_s,
         )
 
 
@@ -184,6 +222,7 @@ class NewSession:
     session_id: str
     url: str
     access_token: str
+    duration_limit_s: float | None = None  # `session_duration_limit`: HeyGen closes the session then
 
 
 @dataclass(frozen=True)
@@ -212,10 +251,11 @@ class HeyGenClient(VendorApi):
 
     async def new_session(self, token: str, body: dict[str, Any]) -> NewSession:
         data = await self._call("POST", "/v1/streaming.new", body, bearer=token)
-        try:
-            return NewSession(str(data["session_id"]), str(data["url"]), str(data["access_token"]))
-        except KeyError as exc:
-            raise HeyGenError("/v1/streaming.new", 200, None, f"response without {exc}") from None
+        values = [data.get(k) for k in ("session_id", "url", "access_token")]
+        if not all(isinstance(v, str) and v for v in values):
+            raise HeyGenError("/v1/streaming.new", 200, None, "response without session_id, url or access_token")
+        limit = data.get("session_duration_limit")
+        return NewSession(*values, float(limit) if isinstance(limit, int | float) and limit > 0 else None)
 
     async def start(self, session_id: str, token: str | None = None) -> None:
         await self._call("POST", "/v1/streaming.start", {"session_id": session_id}, bearer=token)
@@ -230,6 +270,10 @@ class HeyGenClient(VendorApi):
     async def interrupt(self, session_id: str) -> None:
         await self._call("POST", "/v1/streaming.interrupt", {"session_id": session_id},
                          retries=1, timeout_s=INTERRUPT_TIMEOUT_S)
+
+    async def listening(self, session_id: str, on: bool) -> None:
+        path = "/v1/streaming.start_listening" if on else "/v1/streaming.stop_listening"
+        await self._call("POST", path, {"session_id": session_id}, timeout_s=INTERRUPT_TIMEOUT_S)
 
     async def keep_alive(self, session_id: str, *, retries: int = 2) -> None:
         await self._call("POST", "/v1/streaming.keep_alive", {"session_id": session_id}, retries=retries)
@@ -374,15 +418,16 @@ def pack_sentences(text: str, max_chars: int) -> list[str]:
 # ---------------------------------------------------------------- driver
 
 
-class HeyGenAvatarDriver:
-    name = "heygen"
+class HeyGenAvatarDriver(CloudDriver):
+    name = NAME
 
     def __init__(self, settings: Settings, bus: Bus, *, options: HeyGenOptions | None = None,
-                 client: HeyGenClient | None = None) -> None:
-        self.settings = settings
-        self.bus = bus
+                 client: HeyGenClient | None = None, vendor: HeyGenSettings | None = None,
+                 cloud: CloudSettings | None = None) -> None:
+        super().__init__(settings, bus)
+        self.cloud = cloud or CloudSettings()
         try:
-            self.options = options or HeyGenOptions.from_settings(settings)
+            self.options = options or HeyGenOptions.from_settings(vendor or HeyGenSettings())
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
         if not self.options.api_key:
@@ -390,25 +435,47 @@ class HeyGenAvatarDriver:
         self.client = client or HeyGenClient(
             self.options.server_url, self.options.api_key, timeout_s=self.options.http_timeout_s
         )
-        self.store = SessionStore(bus.r, bus)
         self.knowledge = KnowledgeBase(bus.r, self.client, self.options)
-        self.served: set[HeyGenAvatarSession] = set()
 
     async def open(self, session_id: str, config: SessionConfig, *, resumed: bool) -> HeyGenAvatarSession:
         return HeyGenAvatarSession(self, session_id, config, resumed=resumed)
 
-    async def aclose(self) -> None:
-        """Worker shutdown: stop keeping sessions alive here, but never stop them (they are handed back)."""
-        for session in list(self.served):
-            session.release()
+    async def _close_clients(self) -> None:
         await self.client.aclose()
 
 
-@dataclass(frozen=True)
-class _Vendor:
-    session_id: str
-    url: str
-    access_token: str
+def make_driver(settings: Settings, bus: Bus) -> HeyGenAvatarDriver:
+    log.warning(DEPRECATED)
+    return HeyGenAvatarDriver(settings, bus)
+
+
+class HeyGenReaping:
+    """Reaping for HeyGen: `streaming.list` holds only this API key's sessions (the ledger decides)."""
+
+    name = NAME
+    fields = Fields(NAME)
+    errors: tuple[type[Exception], ...] = (HeyGenError,)
+
+    def __init__(self, options: HeyGenOptions) -> None:
+        self.interval_s = options.reaper_interval_s
+        self.grace_s = options.reaper_grace_s
+        self.client = HeyGenClient(options.server_url, options.api_key, timeout_s=options.http_timeout_s)
+
+    async def list_own_sessions(self) -> list[VendorSession]:
+        return await self.client.list_sessions()
+
+    async def stop_session(self, vendor_id: str, reason: EndReason) -> bool:
+        return await self.client.stop(vendor_id)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def make_reaping(settings: Settings, vendor: HeyGenSettings | None = None) -> HeyGenReaping | None:
+    options = HeyGenOptions.from_settings(vendor or HeyGenSettings())
+    if not options.api_key or options.reaper_interval_s <= 0:
+        return None
+    return HeyGenReaping(options)
 
 
 @dataclass
@@ -432,86 +499,110 @@ class _Reply:
         return self.task_id is not None and (task_id is None or task_id == self.task_id)
 
 
-class HeyGenAvatarSession:
+class HeyGenAvatarSession(CloudSession):
+    label = "HeyGen"
+    error_type = HeyGenError
+
     def __init__(self, driver: HeyGenAvatarDriver, sid: str, config: SessionConfig, *, resumed: bool) -> None:
-        self.driver = driver
-        self.sid = sid
-        self.config = config
+        o = driver.options
+        cloud = driver.cloud
+        super().__init__(driver, sid, config, CloudOptions(
+            keepalive_s=o.keepalive_s, expiry_warning_s=o.expiry_warning_s, rollover=cloud.rollover,
+            rollover_lead_s=cloud.rollover_lead_s))
         self.resumed = resumed
-        self.options = driver.options
+        self.options = o
         self.client = driver.client
-        self.bus = driver.bus
-        self.store = driver.store
-        self.vendor: _Vendor | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self.knowledge = driver.knowledge
         self._reply: _Reply | None = None
-        self._stopped = False
-        self._lost_once = False
         self._talking = False  # from relayed events
         self._page_relays = False  # the page has relayed at least one talking event
         self._started_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
         self._stopped_tasks: deque[str] = deque(maxlen=RECENT_TASK_EVENTS)
+        self._calls: set[asyncio.Task[None]] = set()
+        self._listening = False
 
     @property
-    def answers_itself(self) -> bool:
+    def answers_itself(self) -> bool:  # type: ignore[override]
         """True in `talk` mode: HeyGen writes the answer, so the worker has no reply text to show."""
         return self.options.task_type == "talk"
 
-    # ---- lifecycle
+    # ---- lifecycle (the adapter's part of cloud.py)
 
-    async def start(self) -> None:
-        """Resume the stored vendor session if it is alive, else create one; publish `session.ready`.
-
-        Raises `AvatarError` (after publishing it as an `error` event) when no avatar can be had;
-        a vendor session created on the way is stopped first, so a failed start leaks nothing.
-        """
+    async def _reserve(self) -> tuple[str, Any]:
+        knowledge = await self.knowledge.resolve() if self.options.task_type == "talk" else Knowledge()
+        token = await self.client.create_token()
         try:
-            self.vendor = await self._resume() or await self._create()
+            created = await self.client.new_session(token, self._new_body(knowledge))
         except HeyGenError as exc:
-            log.error("starting the HeyGen avatar failed: %s", exc, extra={"sid": self.sid})
-            error = avatar_error(exc)
-            with contextlib.suppress(RedisError):
-                await self.bus.publish_event(self.sid, error.event())
-            raise error from None
-        self._keep_alive_while_served()
-        ready = SessionReady(
-            provider="heygen",
-            stt_provider=self.driver.settings.resolved_stt_provider(),
-            livekit=LiveKitInfo(url=self.vendor.url, token=self.vendor.access_token),
-        )
-        await self.bus.publish_event(self.sid, ready)
+            if knowledge.id and "knowledge" in exc.message.lower():
+                await self.knowledge.forget()
+            raise
+        return created.session_id, (token, created)
 
-    async def stop(self, reason: str) -> None:
-        """Stop the vendor session for good; idempotent. A failure is left to the reaper."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self.release()
+    async def _start_reserved(self, vendor_id: str, pending: Any) -> VendorHandle:
+        token, created = pending
+        await self.client.start(vendor_id, token)
+        limit = created.duration_limit_s
+        return VendorHandle(vendor_id, created.url, created.access_token,
+                            expires_at=time.time() + limit if limit else None)
+
+    async def _probe(self, handle: VendorHandle) -> None:
+        await self.client.keep_alive(handle.vendor_id)
+
+    async def _stop_vendor(self, vendor_id: str, reason: EndReason) -> bool:
+        return await self.client.stop(vendor_id)
+
+    def _avatar_error(self, exc: VendorApiError) -> AvatarError:
+        return avatar_error(exc)  # type: ignore[arg-type]
+
+    def _cut_reply(self) -> None:
         if self._reply is not None:
             self._reply.interrupted = True
             self._reply.changed.set()
-        vendor_id = self.vendor.session_id if self.vendor else await self._stored_vendor_id()
-        if not vendor_id:
-            return
-        try:
-            stopped = await self.client.stop(vendor_id)
-        except HeyGenError as exc:
-            log.error("could not stop HeyGen session %s (%s); the reaper will", vendor_id, exc, extra={"sid": self.sid})
-            return
-        what = "stopped" if stopped else "found already gone"
-        log.info("%s HeyGen session %s (%s)", what, vendor_id, reason, extra={"sid": self.sid})
-        with contextlib.suppress(RedisError):
-            await self.bus.r.hdel(keys.session(self.sid), *VENDOR_FIELDS)
 
-    def release(self) -> None:
-        """This worker no longer serves the session (ended, handed back or lost): stop keeping it alive."""
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        self.driver.served.discard(self)
+    async def _run(self, handle: VendorHandle) -> None:
+        """Keep-alives while served; a keep-alive that finds the session gone means HeyGen ended it."""
+        while True:
+            await asyncio.sleep(self.options.keepalive_s)
+            try:
+                await self.client.keep_alive(handle.vendor_id, retries=1)
+            except HeyGenError as exc:
+                if exc.auth:
+                    await asyncio.shield(self.lost("keep-alive", avatar_error(exc)))
+                    return
+                if exc.gone:
+                    await asyncio.shield(self._gone(handle, "keep-alive"))
+                    return
+                log.warning("HeyGen keep-alive failed (%s); trying again next time", exc, extra={"sid": self.sid})
+
+    async def _gone(self, handle: VendorHandle, during: str) -> None:
+        """HeyGen no longer knows the session: its duration limit (an expected end), else lost."""
+        if self.vendor is not None and handle.vendor_id != self.vendor.vendor_id:
+            return  # the session we rolled over from: stopped on purpose
+        if self._vendor_end_reason() is EndReason.TIME_LIMIT:
+            await self.ended_by_vendor(f"gone at its duration limit (seen on {during})")
+        else:
+            await self.lost(f"gone (seen on {during})")
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        """HeyGen's listening animation while the user talks (`streaming.start_listening` / `stop_listening`)."""
+        vendor = self.vendor
+        if vendor is None or speaking == self._listening or self._stopped or self._released:
+            return
+        self._listening = speaking
+
+        async def call() -> None:
+            try:
+                await self.client.listening(vendor.vendor_id, speaking)
+            except HeyGenError as exc:
+                log.info("HeyGen %s_listening failed: %s", "start" if speaking else "stop", exc,
+                         extra={"sid": self.sid})
+
+        background(call, self._calls)
 
     # ---- speech
 
-    async def speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
+    async def _speak(self, reply_id: str, text: Speech, *, user_text: str | None = None) -> str | None:
         """Say a reply; returns once the avatar stopped talking, or promptly after `interrupt()`.
 
         `talk`: sends `user_text` (what the user said; `text` when not given) as one task and
@@ -521,7 +612,7 @@ class HeyGenAvatarSession:
         Returns the text of the tasks HeyGen accepted (`repeat`), None in `talk` mode.
         """
         vendor = self.vendor
-        if vendor is None or self._stopped:
+        if vendor is None or self._stopped or self._released or self._ending:
             log.warning("speak on a HeyGen session that is not live", extra={"sid": self.sid})
             return None if self.answers_itself else ""
         reply = self._reply = _Reply(reply_id)
@@ -532,7 +623,7 @@ class HeyGenAvatarSession:
                 if reply.interrupted:
                     break
                 try:
-                    result = await self.client.task(vendor.session_id, piece, self.options.task_type)
+                    result = await self.client.task(vendor.vendor_id, piece, self.options.task_type)
                 except HeyGenError as exc:
                     await self._task_failed(vendor, exc)
                     break
@@ -562,15 +653,6 @@ class HeyGenAvatarSession:
         reply.changed.set()
         if self.vendor is not None and reply.task_id is not None and (not reply.done or self._talking):
             await self._interrupt_vendor(self.vendor)
-
-    async def pause(self) -> bool:
-        return False  # the vendor's stream has no pause: barge-in interrupts once words are clear
-
-    async def resume(self) -> None:
-        return None
-
-    async def on_user_speaking(self, speaking: bool) -> None:
-        return None
 
     async def on_vendor_event(self, event: str, data: dict) -> None:
         task_id = str(data["task_id"]) if data.get("task_id") is not None else None
@@ -684,97 +766,25 @@ class HeyGenAvatarSession:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(reply.changed.wait(), wake - now)
 
-    async def _interrupt_vendor(self, vendor: _Vendor) -> None:
+    async def _interrupt_vendor(self, vendor: VendorHandle) -> None:
         try:
-            await self.client.interrupt(vendor.session_id)
+            await self.client.interrupt(vendor.vendor_id)
         except HeyGenError as exc:
             if exc.gone:
-                await asyncio.shield(self._lost(vendor, "interrupt"))
+                await asyncio.shield(self._gone(vendor, "interrupt"))
             else:
                 log.warning("HeyGen interrupt failed: %s", exc, extra={"sid": self.sid})
 
-    async def _task_failed(self, vendor: _Vendor, exc: HeyGenError) -> None:
-        if exc.gone or exc.auth:
-            await asyncio.shield(self._lost(vendor, "task", avatar_error(exc) if exc.auth else None))
+    async def _task_failed(self, vendor: VendorHandle, exc: HeyGenError) -> None:
+        if exc.auth:
+            await asyncio.shield(self.lost("task", avatar_error(exc)))
+            return
+        if exc.gone:
+            await asyncio.shield(self._gone(vendor, "task"))
             return
         log.warning("HeyGen task failed: %s", exc, extra={"sid": self.sid})
         error = ErrorEvent(code="avatar_speak_failed", message="the avatar could not say that; please try again")
         await self.bus.publish_event(self.sid, error)
-
-    async def _lost(self, vendor: _Vendor, during: str, error: AvatarError | None = None) -> None:
-        """The vendor session died under us: tell the user and end the session (once)."""
-        if self._lost_once or self._stopped:
-            return
-        self._lost_once = True
-        log.error("HeyGen session %s is gone (seen on %s); ending the session", vendor.session_id, during,
-                  extra={"sid": self.sid})
-        error = error or AvatarError("avatar_lost", "the avatar session ended unexpectedly")
-        await self.bus.publish_event(self.sid, error.event())
-        await self.store.end(self.sid, error.code)
-
-    def _keep_alive_while_served(self) -> None:
-        """Keep-alive from now until this worker stops serving the session, however that happens."""
-        assert self.vendor is not None
-        self._keepalive = asyncio.create_task(self._keepalive_loop(self.vendor), name=f"heygen-keepalive:{self.sid}")
-        self.driver.served.add(self)
-        owner = asyncio.current_task()
-        if owner is not None:
-            owner.add_done_callback(lambda _task: self.release())
-
-    async def _keepalive_loop(self, vendor: _Vendor) -> None:
-        while True:
-            await asyncio.sleep(self.options.keepalive_s)
-            try:
-                await self.client.keep_alive(vendor.session_id, retries=1)
-            except HeyGenError as exc:
-                if exc.gone or exc.auth:
-                    await asyncio.shield(self._lost(vendor, "keep-alive", avatar_error(exc) if exc.auth else None))
-                    return
-                log.warning("HeyGen keep-alive failed (%s); trying again next time", exc, extra={"sid": self.sid})
-
-    async def _resume(self) -> _Vendor | None:
-        """The vendor session a previous owner left in the session hash, if it is still alive."""
-        record = await self.store.get(self.sid) or {}
-        vendor_id = record.get(F_VENDOR_ID)
-        if not vendor_id:
-            return None
-        url, token = record.get(F_LIVEKIT_URL), record.get(F_LIVEKIT_TOKEN)
-        if record.get(F_STARTED) == "1" and url and token:
-            try:
-                await self.client.keep_alive(vendor_id)
-            except HeyGenError as exc:
-                if exc.auth:
-                    raise
-                log.warning("HeyGen session %s cannot be resumed (%s); starting a new one", vendor_id, exc,
-                            extra={"sid": self.sid})
-            else:
-                log.info("resumed HeyGen session %s", vendor_id, extra={"sid": self.sid})
-                return _Vendor(vendor_id, url, token)
-        await self._discard(vendor_id)
-        return None
-
-    async def _create(self) -> _Vendor:
-        knowledge = await self.driver.knowledge.resolve() if self.options.task_type == "talk" else Knowledge()
-        token = await self.client.create_token()
-        try:
-            created = await self.client.new_session(token, self._new_body(knowledge))
-        except HeyGenError as exc:
-            if knowledge.id and "knowledge" in exc.message.lower():
-                await self.driver.knowledge.forget()
-            raise
-        # Recorded before `start`: a takeover from here on resumes it, and the reaper leaves it alone.
-        await self.store.set_fields(self.sid, **{
-            F_VENDOR_ID: created.session_id, F_LIVEKIT_URL: created.url,
-            F_LIVEKIT_TOKEN: created.access_token, F_STARTED: "0",
-        })
-        try:
-            await self.client.start(created.session_id, token)
-        except HeyGenError:
-            await self._discard(created.session_id)
-            raise
-        await self.store.set_fields(self.sid, **{F_STARTED: "1"})
-        log.info("started HeyGen session %s", created.session_id, extra={"sid": self.sid})
-        return _Vendor(created.session_id, created.url, created.access_token)
 
     def _new_body(self, knowledge: Knowledge) -> dict[str, Any]:
         o = self.options
@@ -783,6 +793,7 @@ class HeyGenAvatarSession:
             "quality": o.quality,
             "language": self.config.language,
             "activity_idle_timeout": o.idle_timeout_s,
+            "video_encoding": o.video_encoding,
         }
         avatar_id = self.config.avatar_id or o.avatar_id
         if avatar_id:
@@ -798,17 +809,3 @@ class HeyGenAvatarSession:
         elif knowledge.prompt:
             body["knowledge_base"] = knowledge.prompt
         return body
-
-    async def _discard(self, vendor_id: str) -> None:
-        """Drop a vendor session we will not use; if stopping fails, the reaper gets it (no longer owned)."""
-        try:
-            await self.client.stop(vendor_id)
-        except HeyGenError as exc:
-            log.warning("could not stop HeyGen session %s (%s)", vendor_id, exc, extra={"sid": self.sid})
-        await self.bus.r.hdel(keys.session(self.sid), *VENDOR_FIELDS)
-
-    async def _stored_vendor_id(self) -> str | None:
-        with contextlib.suppress(RedisError):
-            raw = await self.bus.r.hget(keys.session(self.sid), F_VENDOR_ID)
-            return raw.decode() if raw else None
-        return None

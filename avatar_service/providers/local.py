@@ -306,3 +306,7 @@ async def _next_or_interrupt(chunks: AsyncIterator[T], interrupted: asyncio.Even
         return nxt.result()
     except StopAsyncIteration:
         return None
+
+
+def make_driver(settings: Settings, bus: Bus) -> LocalAvatarDriver:
+    return LocalAvatarDriver(settings, bus)

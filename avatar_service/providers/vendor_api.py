@@ -7,7 +7,6 @@ repeated "speak" would say the text twice.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -16,21 +15,25 @@ from typing import Any, ClassVar
 import httpx
 
 from common.metrics import VENDOR_CALL_ERRORS, VENDOR_CALL_SECONDS
+from common.retry import Backoff, parse_retry_after, retry
 
 log = logging.getLogger(__name__)
 
 SUCCESS_CODES = {100, 1000}  # HeyGen answers 100, LiveAvatar 1000
+CALL_BACKOFF = Backoff(base_s=0.25, max_s=2.0)
 
 
 class VendorApiError(Exception):
     """A failed call: HTTP `status` (0 = no answer), the vendor's `code` and `message`."""
 
-    def __init__(self, path: str, status: int, code: int | None, message: str) -> None:
+    def __init__(self, path: str, status: int, code: int | None, message: str, *,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{path}: HTTP {status}, code {code}: {message}")
         self.path = path
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
     @property
     def transient(self) -> bool:
@@ -44,6 +47,8 @@ class VendorSession:
     session_id: str
     status: str
     created_at: float | None  # unix seconds
+    source: str = ""  # LiveAvatar: API | DEMO | APP | EMBED (who started it on the account)
+    mode: str = ""  # LiveAvatar: FULL | LITE
 
 
 class VendorApi:
@@ -72,15 +77,12 @@ class VendorApi:
         """The whole response envelope; retried `retries` times on transient failures only."""
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {self.key_header: self._api_key}
         timeout = httpx.Timeout(timeout_s) if timeout_s else httpx.USE_CLIENT_DEFAULT
-        for attempt in range(retries + 1):
-            try:
-                return await self._once(method, path, body, headers, timeout)
-            except VendorApiError as exc:
-                if not exc.transient or attempt == retries:
-                    raise
-                log.info("%s %s failed (%s); retrying", self.vendor, path, exc)
-                await asyncio.sleep(min(2.0, 0.25 * 2**attempt))
-        raise AssertionError("unreachable")
+        return await retry(
+            lambda: self._once(method, path, body, headers, timeout), retries=retries,
+            retryable=lambda exc: isinstance(exc, VendorApiError) and exc.transient,
+            retry_after=lambda exc: getattr(exc, "retry_after_s", None), backoff=CALL_BACKOFF,
+            on_retry=lambda exc, wait: log.info("%s %s failed (%s); retrying in %.2f s", self.vendor, path, exc, wait),
+        )
 
     async def _once(self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str],
                     limits: Any) -> dict[str, Any]:
@@ -104,4 +106,5 @@ class VendorApi:
             return payload
         VENDOR_CALL_ERRORS.labels(self.vendor.lower(), call, str(resp.status_code)).inc()
         message = payload.get("message") or payload.get("error") or payload.get("detail") or resp.reason_phrase
-        raise self.error(path, resp.status_code, code if isinstance(code, int) else None, str(message or "error")[:200])
+        raise self.error(path, resp.status_code, code if isinstance(code, int) else None, str(message or "error")[:200],
+                         retry_after_s=parse_retry_after(resp.headers.get("retry-after")))

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +49,7 @@ from websockets.protocol import State
 
 from common.metrics import VENDOR_RECONNECTS
 from common.pcm import SAMPLE_RATE
+from common.retry import Backoff
 from common.settings import Settings
 from stt_service.engine import SttError, SttResult, utterance_id
 
@@ -451,8 +451,7 @@ class DeepgramStream:
                     fatal=False,
                 )
             VENDOR_RECONNECTS.labels("deepgram").inc()
-            delay = min(self._t.backoff_max_s, self._t.backoff_base_s * 2 ** (attempt - 1))
-            delay *= random.uniform(0.5, 1.0)
+            delay = Backoff(self._t.backoff_base_s, self._t.backoff_max_s).delay(attempt - 1)
             log.warning(
                 "deepgram connection lost (%s); retry %d/%d in %.2f s",
                 failure, attempt, self._t.max_attempts, delay, extra={"sid": self._sid},

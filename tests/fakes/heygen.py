@@ -19,6 +19,10 @@ unchanged against it through `HEYGEN_SERVER_URL`):
   unconfirmed, see §2.3).
 - Idle timeout: a session with no activity (start, task, keep-alive, interrupt, its own speech)
   for its `activity_idle_timeout` (or `idle_timeout_s` when set) is closed.
+- Duration limit: `streaming.new` reports `session_duration_limit` (`duration_limit_s`, 600 by
+  default) and a session that has run that long since `streaming.start` is closed
+  (`closed_reason` "duration_limit"), keep-alives and all: the limit really ends it.
+- `video_encoding` must be VP8 or H264 when given.
 
 The avatar's speech is a timeline, not timers: each task is queued after the previous one and
 lasts `len(text) * speech_ms_per_char` ms (`talk` tasks answer with a canned sentence), while the
@@ -102,6 +106,7 @@ class FakeSession:
     access_token: str
     status: str = "new"  # new | connected | closed
     closed_reason: str | None = None
+    started_at: float | None = None  # monotonic, at streaming.start
     tasks: list[FakeTask] = field(default_factory=list)
 
 
@@ -127,6 +132,7 @@ class FakeHeyGen(ThreadedFake):
         speech_ms_per_char: float = 10.0,
         reported_ms_per_char: float | None = None,
         idle_timeout_s: float | None = None,
+        duration_limit_s: float = 600.0,
         task_max_chars: int = 1000,
         avatars: set[str] | None = None,
         livekit_url: str = "ws://127.0.0.1:7880",
@@ -145,6 +151,7 @@ class FakeHeyGen(ThreadedFake):
         self.speech_ms_per_char = speech_ms_per_char
         self.reported_ms_per_char = reported_ms_per_char
         self.idle_timeout_s = idle_timeout_s
+        self.duration_limit_s = duration_limit_s
         self.task_max_chars = task_max_chars
         self.avatars = avatars
         self.livekit_url = livekit_url
@@ -318,6 +325,8 @@ class FakeHeyGen(ThreadedFake):
             raise FakeError(400, CODE_BAD_REQUEST, "knowledge base not found")
         if body.get("quality", "medium") not in ("low", "medium", "high"):
             raise FakeError(400, CODE_BAD_REQUEST, "invalid quality")
+        if body.get("video_encoding", "VP8") not in ("VP8", "H264"):
+            raise FakeError(400, CODE_BAD_REQUEST, "invalid video_encoding")
         if len(self.open_sessions()) >= self.max_concurrent:
             raise FakeError(self.capacity_status, self.capacity_code, self.capacity_message)
         s = self._new_session(token, body, time.time())
@@ -329,7 +338,7 @@ class FakeHeyGen(ThreadedFake):
             "access_token": s.access_token,
             "livekit_agent_token": livekit_token(f"agent-{s.session_id[:8]}", s.session_id),
             "realtime_endpoint": f"ws://127.0.0.1:{self.port}/v2-alpha/interactive-avatar/session/{s.session_id}",
-            "session_duration_limit": 600,
+            "session_duration_limit": int(self.duration_limit_s),
             "is_paid": False,
             "sdp": None,
             "ice_servers": None,
@@ -372,6 +381,7 @@ class FakeHeyGen(ThreadedFake):
             if s.status != "new":
                 raise FakeError(400, CODE_WRONG_STATE, "Session is not in correct state")
             s.status = "connected"
+            s.started_at = now
             s.last_activity = max(s.last_activity, now)
             if self.room_avatars is not None:
                 self.room_avatars.join(sid, events=lambda: self.channel(sid))
@@ -424,8 +434,12 @@ class FakeHeyGen(ThreadedFake):
                 self.room_avatars.leave(s.session_id)
 
     def _expire_idle(self, s: FakeSession) -> None:
+        """Close a session past its idle timeout or its duration limit (evaluated when looked at)."""
         limit = self.idle_timeout_s if self.idle_timeout_s is not None else s.idle_timeout_s
-        if s.status != "closed" and time.monotonic() - s.last_activity > limit:
+        now = time.monotonic()
+        if s.status != "closed" and s.started_at is not None and now - s.started_at >= self.duration_limit_s:
+            self._close(s, "duration_limit")
+        elif s.status != "closed" and now - s.last_activity > limit:
             self._close(s, "idle_timeout")
 
 
