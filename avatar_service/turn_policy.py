@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import Counter, deque
+from difflib import SequenceMatcher
 from typing import Literal
 
 from common.settings import Settings
@@ -23,6 +23,9 @@ from common.settings import Settings
 _WORD = re.compile(r"[\w']+")
 MAX_SPOKEN_WORDS = 400  # echo reference: the avatar's latest words, bounded
 ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
+ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
+SPOKEN_WORDS_PER_S = 2.6  # how fast the avatar speaks, to guess which words were playing when
+ECHO_WINDOW_BEFORE, ECHO_WINDOW_AFTER = 20, 12  # words around that guess (it is only a guess)
 
 Heard = Literal["echo", "backchannel", "words", "nothing"]
 
@@ -49,27 +52,34 @@ class Backchannels:
 
 
 class EchoGuard:
-    """The avatar's own recent words, and the span of wall time in which they could be heard."""
+    """The avatar's own recent words, and the span of wall time in which they could be heard.
+
+    Echo comes back misheard ("self-hostable" as "self-host of") and in fragments, so words match
+    loosely (`similar`) and only against the stretch of the reply being played about when the
+    heard speech began (the position is estimated from the time since the reply started)."""
 
     def __init__(self, settings: Settings) -> None:
         self.enabled = settings.echo_guard
         self.tail_s = settings.echo_tail_s
         self.ratio = settings.echo_match
-        self.spoken: deque[str] = deque(maxlen=MAX_SPOKEN_WORDS)
+        self.words: list[str] = []  # the current (or last) reply's words, bounded
+        self.before: list[str] = []  # the tail of the reply before it
         self.audible_from = 0.0  # unix time the current/last reply started
         self.audible_until = 0.0  # unix time it ended; inf while it is being spoken
-        self._reply_words = 0  # words of the current reply already in `spoken`
+
+    @property
+    def spoken(self) -> list[str]:
+        return self.before + self.words
 
     def reply_started(self) -> None:
-        self._reply_words = 0
+        self.before = self.words[-ECHO_TAIL_WORDS:]
+        self.words = []
         self.audible_from = time.time()
         self.audible_until = float("inf")
 
     def reply_text(self, text: str) -> None:
         """The current reply's text so far (it grows sentence by sentence)."""
-        words = words_of(text)
-        self.spoken.extend(words[self._reply_words:])
-        self._reply_words = len(words)
+        self.words = words_of(text)[-MAX_SPOKEN_WORDS:]
 
     def reply_ended(self) -> None:
         self.audible_until = time.time()
@@ -81,25 +91,41 @@ class EchoGuard:
         started = started_at_ms / 1000
         return self.audible_from - ECHO_DELAY_S <= started <= self.audible_until + ECHO_DELAY_S
 
+    def reference(self, started_at_ms: int) -> list[str]:
+        """The words the avatar was saying when speech that began at `started_at_ms` was heard."""
+        if started_at_ms <= 0 or not self.words:
+            return self.spoken
+        at = int((started_at_ms / 1000 - self.audible_from) * SPOKEN_WORDS_PER_S)
+        lo = max(0, at - ECHO_WINDOW_BEFORE)
+        return (self.before if lo == 0 else []) + self.words[lo:at + ECHO_WINDOW_AFTER]
+
     def match(self, text: str, started_at_ms: int = 0) -> bool:
         if not self.enabled or not self.spoken or not self.could_be_echo(started_at_ms):
             return False
         heard = words_of(text)
         if not heard:
             return False
-        return best_window_overlap(list(self.spoken), heard) >= self.ratio * len(heard)
+        return best_window_overlap(self.reference(started_at_ms), heard) > self.ratio * len(heard)
+
+
+def similar(a: str, b: str) -> bool:
+    """The same word, misheard a little: equal, sharing a 4-letter start, or mostly the same letters."""
+    if a == b:
+        return True
+    if min(len(a), len(b)) >= 4 and a[:4] == b[:4]:
+        return True
+    return min(len(a), len(b)) >= 3 and SequenceMatcher(None, a, b).ratio() >= 0.75
 
 
 def best_window_overlap(spoken: list[str], heard: list[str], slack: int = 3) -> int:
-    """Most heard words found in one stretch of the avatar's speech (a little longer than what was
-    heard). Echo is a contiguous piece of what it said, misheard here and there; words that only
-    occur scattered across a long reply are the user's own."""
-    need = Counter(heard)
+    """Most heard words found (loosely) in one stretch of the avatar's speech a little longer than
+    what was heard. Echo is a contiguous piece of what it said, misheard here and there; words
+    that only occur scattered across a long reply are the user's own."""
     width = len(heard) + slack
     best = 0
     for start in range(max(1, len(spoken) - len(heard) + 1)):
-        window = Counter(spoken[start:start + width])
-        best = max(best, sum(min(n, window[w]) for w, n in need.items()))
+        window = spoken[start:start + width]
+        best = max(best, sum(1 for word in heard if any(similar(word, said) for said in window)))
         if best == len(heard):
             break
     return best

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     }
     echo_guard: bool = True  # user speech that repeats the avatar's own recent words is echo
     echo_tail_s: float = Field(default=2.5, ge=0, le=30)  # when a speech start is unknown: how long echo may come
-    echo_match: float = Field(default=0.6, gt=0, le=1)  # share of the heard words found in the avatar's speech
+    echo_match: float = Field(default=0.5, ge=0, lt=1)  # echo: more than this share of the heard words are its
 
     # Gateway
     gateway_host: str = "127.0.0.1"

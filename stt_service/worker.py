@@ -216,16 +216,15 @@ class _SttSession:
                 RESULTS.labels(result.kind).inc()
                 async with turn.lock:
                     if result.kind == "speech_started":
-                        turn.heard(speaking=True)
+                        turn.heard()
                         await bus.publish_turn(self.sid, SpeechStarted())
                     elif result.kind == "interim":
-                        turn.heard(speaking=True)
+                        turn.heard()
                         await turn.interim(result)
                     elif result.kind == "final":
-                        turn.heard(speaking=False)
+                        turn.heard()
                         await turn.segment(result)
                     elif result.kind == "checkpoint":
-                        turn.speaking = False
                         if turn.held:
                             turn.arm()  # noise that gave no words: the held turn's wait goes on
                         else:
@@ -276,13 +275,11 @@ class _Turn:
     def __init__(self, session: _SttSession) -> None:
         self.s = session
         self.held: list[SttResult] = []
-        self.speaking = False  # an utterance is in progress after the last segment
         self.heard_at = 0.0  # monotonic time of the last onset, interim or segment
         self.lock = asyncio.Lock()  # the results loop and the wait timer both publish
         self._timer: asyncio.Task[None] | None = None
 
-    def heard(self, *, speaking: bool) -> None:
-        self.speaking = speaking
+    def heard(self) -> None:
         self.heard_at = time.monotonic()
 
     def text(self, extra: str = "") -> str:
@@ -336,13 +333,14 @@ class _Turn:
         self._timer = None
 
     async def _wait(self) -> None:
-        """The most a held turn waits in silence; while the user is speaking again (words keep
-        coming) it waits on, but an onset that never gives words does not hold it."""
+        """A held turn waits until `turn_max_wait_s` has passed since the user was last heard (an
+        onset, an interim or a pause): while words keep coming it waits on, and an onset that never
+        gives words (noise) holds it only that long."""
         wait_s = self.s.w.settings.turn_max_wait_s
         while True:
-            await asyncio.sleep(wait_s)
+            await asyncio.sleep(max(0.02, self.heard_at + wait_s - time.monotonic()))
             async with self.lock:
-                if not self.speaking or time.monotonic() - self.heard_at >= wait_s:
+                if time.monotonic() - self.heard_at >= wait_s - 0.01:
                     self._timer = None
                     await self.flush()
                     return
