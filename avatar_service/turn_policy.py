@@ -22,6 +22,12 @@ from common.settings import Settings
 
 _WORD = re.compile(r"[\w']+")
 MAX_SPOKEN_WORDS = 400  # echo reference: the avatar's latest words, bounded
+FUNCTION_WORDS = frozenset(
+    """a an the and or but so to of in on at for with by from as is are was were be been am it its
+    this that these those i you he she we they me my your our their can could would should will do
+    does did have has had not no yes what how which who when where why if then than there here
+    just also very""".split()
+)
 ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
 ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
 SPOKEN_WORDS_PER_S = 2.6  # how fast the avatar speaks, to guess which words were playing when
@@ -102,19 +108,26 @@ class EchoGuard:
     def match(self, text: str, started_at_ms: int = 0) -> bool:
         if not self.enabled or not self.spoken or not self.could_be_echo(started_at_ms):
             return False
-        heard = words_of(text)
+        heard = content_words(words_of(text))
         if not heard:
             return False
         return best_window_overlap(self.reference(started_at_ms), heard) > self.ratio * len(heard)
 
 
 def similar(a: str, b: str) -> bool:
-    """The same word, misheard a little: equal, sharing a 4-letter start, or mostly the same letters."""
+    """The same word, misheard a little: equal, sharing a 4-letter start, or (long words) mostly
+    the same letters."""
     if a == b:
         return True
     if min(len(a), len(b)) >= 4 and a[:4] == b[:4]:
         return True
-    return min(len(a), len(b)) >= 3 and SequenceMatcher(None, a, b).ratio() >= 0.75
+    return min(len(a), len(b)) >= 5 and SequenceMatcher(None, a, b).ratio() >= 0.75
+
+
+def content_words(words: list[str]) -> list[str]:
+    """The words that carry evidence: "it", "can", "the" are in everyone's sentences."""
+    content = [w for w in words if w not in FUNCTION_WORDS]
+    return content or words
 
 
 def best_window_overlap(spoken: list[str], heard: list[str], slack: int = 3) -> int:
