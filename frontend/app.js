@@ -847,7 +847,7 @@ window.__avatarStack = {
     return breakdown.snapshot(); // the Latency panel's numbers: {last, median, count, replies}
   },
   get livekit() {
-    return app.livekit && { ...app.livekit, connectAttempts: cloud.connectAttempts, eventsRelayed: cloud.eventsRelayed };
+    return app.livekit && { ...app.livekit, connectAttempts: cloud.connectAttempts, eventsRelayed: cloud.eventsRelayed, eventsReceived: cloud.eventsReceived };
   },
   get turnState() {
     return ui.body.dataset.turn || "";

@@ -51,6 +51,7 @@ export class CloudAvatar {
     this.url = "";
     this.connectAttempts = 0;
     this.eventsRelayed = 0;
+    this.eventsReceived = 0; // the avatar's data-channel events the page saw (relayed or not)
   }
 
   async connect(url, token, avatarIdentity = null) {
@@ -114,7 +115,9 @@ export class CloudAvatar {
     }
     if (!msg || typeof msg !== "object") return;
     const type = typeof msg.type === "string" ? msg.type : typeof msg.event_type === "string" ? msg.event_type : "";
-    if (!type || !RELAYED.has(type)) return; // per-chunk acks and the like: the server has no use for them
+    if (!type) return;
+    this.eventsReceived++;
+    if (!RELAYED.has(type)) return; // per-chunk acks and the like: the server has no use for them
     const { type: _t, event: _e, ...rest } = msg;
     if (topic) rest.topic = topic;
     const data = JSON.stringify(rest).length <= MAX_RELAY_BYTES ? rest : {};

@@ -184,7 +184,7 @@ async def test_worker_saves_only_what_was_spoken_after_a_barge_in(
     sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
     llm.script(["Sentence one is here. Sentence two is here. Sentence three is here."] * 2)
     avatar = StubAvatar(cut_after=1)
-    conversation = _Conversation(worker, sid, avatar)  # type: ignore[arg-type]
+    conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
     await conversation._answer("r-t1", UserTurn(turn_id="t1", text="tell me", source="text"))
     assert await brain.history(sid) == [
         {"role": "user", "content": "tell me"}, {"role": "assistant", "content": "Sentence one is here."},
@@ -210,7 +210,8 @@ async def test_worker_publishes_the_llm_error_and_speaks_the_apology(
     sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
     llm.fail_next(500)
     avatar = StubAvatar()
-    await _Conversation(worker, sid, avatar)._answer("r-t1", UserTurn(turn_id="t1", text="hi", source="text"))  # type: ignore[arg-type]
+    conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
+    await conversation._answer("r-t1", UserTurn(turn_id="t1", text="hi", source="text"))
     assert avatar.heard == [APOLOGY]
     events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
     assert any(e["type"] == "error" and e["code"] == "llm_failed" and not e["fatal"] for e in events)

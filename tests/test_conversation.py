@@ -18,15 +18,12 @@ from common.bus import dump
 from common.models import UserSpeech
 from tests.client import create_session
 from tests.conftest import Stack, start_stack
-from tests.fakes.deepgram import FakeDeepgram, Speech
 from tests.room import Room, noise, said, since, speech
 from tests.speech import speech_available
-from tests.test_deepgram_stack import deepgram_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not speech_available(), reason="needs espeak-ng and sox")]
 
 LONG_QUESTION = "Tell me about the avatar providers."  # answered with ~10 s of speech
-DEEPGRAM_KEY = "dg-conversation-key-0123"
 
 
 @pytest.fixture(scope="module")
@@ -142,69 +139,3 @@ async def test_the_avatars_own_voice_in_the_microphone_is_neither_barge_in_nor_t
         assert heard[1:], "the echo was not heard at all: this test proves nothing"
         ignored = {e["utterance_id"] for e in since(room, mark, "transcript.ignored") if e["reason"] == "echo"}
         assert {f["utterance_id"] for f in heard[1:]} <= ignored
-
-
-# ---- Deepgram: the same rules with the vendor's own signals (SpeechStarted on any sound)
-
-
-@pytest.fixture
-async def deepgram(redis_url: str) -> AsyncIterator[tuple[FakeDeepgram, Stack]]:
-    async with FakeDeepgram(DEEPGRAM_KEY) as fake, deepgram_stack(redis_url, fake, key=DEEPGRAM_KEY) as stack:
-        yield fake, stack
-
-
-@pytest.fixture
-async def dg_room(deepgram: tuple[FakeDeepgram, Stack]) -> AsyncIterator[Room]:
-    """No echo: mixing would blur the words the fake spells in the samples."""
-    async for r in open_room(deepgram[1]):
-        yield r
-
-
-async def dg_talking(room: Room) -> tuple[int, dict]:
-    mark = len(room.events)
-    await said(room, Speech().say("tell me about the avatar providers").pcm)
-    started = await room.next("avatar.started_talking", mark, 30)
-    assert started, "the avatar did not answer"
-    await asyncio.sleep(1.0)
-    return len(room.events), started
-
-
-async def test_deepgram_speech_started_for_a_noise_does_not_stop_the_avatar(
-    deepgram: tuple[FakeDeepgram, Stack], dg_room: Room,
-):
-    fake, _ = deepgram
-    mark, started = await dg_talking(dg_room)
-    conn = fake.connections[-1]
-    onsets = len(conn.sent_of("SpeechStarted"))
-    await said(dg_room, Speech().noise(0.4).pcm)  # a door: Deepgram says SpeechStarted, then no words
-    stopped = await dg_room.next("avatar.stopped_talking", mark, 60)
-    assert stopped is not None and stopped["reply_id"] == started["reply_id"] and stopped["interrupted"] is False
-    assert len(conn.sent_of("SpeechStarted")) > onsets  # the vendor did say "speech started"
-    assert not since(dg_room, mark, "avatar.paused")
-
-
-async def test_deepgram_finals_of_the_avatars_echo_are_not_turns(deepgram: tuple[FakeDeepgram, Stack]):
-    fake, stack = deepgram
-    async for dg_room in open_room(stack, echo_db=-10, echo_ms=120):
-        mark, started = await dg_talking(dg_room)
-        reply = next(e for e in dg_room.events if e["type"] == "avatar.reply" and e["reply_id"] == started["reply_id"])
-        fake.hear_foreign(reply["text"])  # the avatar's voice in the microphone is transcribed, as Deepgram would
-        stopped = await dg_room.next("avatar.stopped_talking", mark, 60)
-        assert stopped is not None and stopped["interrupted"] is False
-        await dg_room.quiet()
-        await asyncio.sleep(1.5)
-        assert not since(dg_room, mark, "avatar.reply"), "the avatar answered its own echo"
-        echoed = since(dg_room, mark, "transcript.final")
-        assert echoed, "no echo was transcribed: this test proves nothing"
-        ignored = {e["utterance_id"] for e in since(dg_room, mark, "transcript.ignored") if e["reason"] == "echo"}
-        assert {e["utterance_id"] for e in echoed} <= ignored
-
-
-async def test_deepgram_words_over_the_avatar_stop_it(deepgram: tuple[FakeDeepgram, Stack], dg_room: Room):
-    mark, started = await dg_talking(dg_room)
-    await said(dg_room, Speech().say("wait how do i scale it").pcm)
-    paused = await dg_room.next("avatar.paused", mark, 10)
-    stopped = await dg_room.next("avatar.stopped_talking", mark, 15, lambda e: e.get("interrupted"))
-    assert paused is not None and stopped is not None and stopped["reply_id"] == started["reply_id"]
-    answer = await dg_room.next("avatar.reply", mark, 30)
-    assert answer is not None and "scale" in answer["text"].lower()

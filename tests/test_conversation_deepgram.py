@@ -1,0 +1,84 @@
+"""Turn-taking with Deepgram (the protocol fake), on the real stack: Deepgram's own signals
+(SpeechStarted on any sound, finals for whatever voice it hears) must not stop the avatar unless
+the user's words do. In its own module: a second stack's STT worker must not share the Redis
+with the local-STT stack of `test_conversation.py`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import Stack
+from tests.fakes.deepgram import FakeDeepgram, Speech
+from tests.room import Room, said, since
+from tests.test_conversation import open_room
+from tests.test_deepgram_stack import deepgram_stack
+
+pytestmark = pytest.mark.slow
+
+DEEPGRAM_KEY = "dg-conversation-key-0123"
+
+
+@pytest.fixture
+async def deepgram(redis_url: str) -> AsyncIterator[tuple[FakeDeepgram, Stack]]:
+    async with FakeDeepgram(DEEPGRAM_KEY) as fake, deepgram_stack(redis_url, fake, key=DEEPGRAM_KEY) as stack:
+        yield fake, stack
+
+
+@pytest.fixture
+async def dg_room(deepgram: tuple[FakeDeepgram, Stack]) -> AsyncIterator[Room]:
+    """No echo: mixing would blur the words the fake spells in the samples."""
+    async for r in open_room(deepgram[1]):
+        yield r
+
+
+async def dg_talking(room: Room) -> tuple[int, dict]:
+    mark = len(room.events)
+    await said(room, Speech().say("tell me about the avatar providers").pcm)
+    started = await room.next("avatar.started_talking", mark, 30)
+    assert started, "the avatar did not answer"
+    await asyncio.sleep(1.0)
+    return len(room.events), started
+
+
+async def test_deepgram_speech_started_for_a_noise_does_not_stop_the_avatar(
+    deepgram: tuple[FakeDeepgram, Stack], dg_room: Room,
+):
+    fake, _ = deepgram
+    mark, started = await dg_talking(dg_room)
+    conn = fake.connections[-1]
+    onsets = len(conn.sent_of("SpeechStarted"))
+    await said(dg_room, Speech().noise(0.4).pcm)  # a door: Deepgram says SpeechStarted, then no words
+    stopped = await dg_room.next("avatar.stopped_talking", mark, 60)
+    assert stopped is not None and stopped["reply_id"] == started["reply_id"] and stopped["interrupted"] is False
+    assert len(conn.sent_of("SpeechStarted")) > onsets  # the vendor did say "speech started"
+    assert not since(dg_room, mark, "avatar.paused")
+
+
+async def test_deepgram_finals_of_the_avatars_echo_are_not_turns(deepgram: tuple[FakeDeepgram, Stack]):
+    fake, stack = deepgram
+    async for dg_room in open_room(stack, echo_db=-10, echo_ms=120):
+        mark, started = await dg_talking(dg_room)
+        reply = next(e for e in dg_room.events if e["type"] == "avatar.reply" and e["reply_id"] == started["reply_id"])
+        fake.hear_foreign(reply["text"])  # the avatar's voice in the microphone is transcribed, as Deepgram would
+        stopped = await dg_room.next("avatar.stopped_talking", mark, 60)
+        assert stopped is not None and stopped["interrupted"] is False
+        await dg_room.quiet()
+        await asyncio.sleep(1.5)
+        assert not since(dg_room, mark, "avatar.reply"), "the avatar answered its own echo"
+        echoed = since(dg_room, mark, "transcript.final")
+        assert echoed, "no echo was transcribed: this test proves nothing"
+        ignored = {e["utterance_id"] for e in since(dg_room, mark, "transcript.ignored") if e["reason"] == "echo"}
+        assert {e["utterance_id"] for e in echoed} <= ignored
+
+
+async def test_deepgram_words_over_the_avatar_stop_it(deepgram: tuple[FakeDeepgram, Stack], dg_room: Room):
+    mark, started = await dg_talking(dg_room)
+    await said(dg_room, Speech().say("wait how do i scale it").pcm)
+    paused = await dg_room.next("avatar.paused", mark, 10)
+    stopped = await dg_room.next("avatar.stopped_talking", mark, 15, lambda e: e.get("interrupted"))
+    assert paused is not None and stopped is not None and stopped["reply_id"] == started["reply_id"]
+    answer = await dg_room.next("avatar.reply", mark, 30)
+    assert answer is not None and "scale" in answer["text"].lower()
