@@ -21,6 +21,7 @@ from typing import Literal
 from common.settings import Settings
 
 _WORD = re.compile(r"[\w']+")
+HUM = re.compile(r"m+h*m*|h+m+|u+h+|a+h+|o+h+|e+h+")  # "mmm", "hmm", "uhh": how a recognizer spells a hum
 MAX_SPOKEN_WORDS = 400  # echo reference: the avatar's latest words, bounded
 FUNCTION_WORDS = frozenset(
     """a an the and or but so to of in on at for with by from as is are was were be been am it its
@@ -50,11 +51,13 @@ class Backchannels:
         self.words = {w for p in self.phrases for w in p.split()}
 
     def match(self, text: str) -> bool:
-        """Only backchannel: a listed phrase, or a few listed words ("yeah yeah", "oh okay")."""
+        """Only backchannel: a listed phrase, or listed words and hums ("yeah yeah yeah", "mmm, okay")."""
         heard = words_of(text)
         if not heard:
             return False
-        return " ".join(heard) in self.phrases or (len(heard) <= 4 and all(w in self.words for w in heard))
+        if " ".join(heard) in self.phrases:
+            return True
+        return len(heard) <= 8 and all(w in self.words or HUM.fullmatch(w) for w in heard)
 
 
 class EchoGuard:
@@ -97,21 +100,29 @@ class EchoGuard:
         started = started_at_ms / 1000
         return self.audible_from - ECHO_DELAY_S <= started <= self.audible_until + ECHO_DELAY_S
 
-    def reference(self, started_at_ms: int) -> list[str]:
-        """The words the avatar was saying when speech that began at `started_at_ms` was heard."""
+    def reference(self, started_at_ms: int, heard_words: int) -> list[str]:
+        """The words the avatar was saying while speech of `heard_words` words that began at
+        `started_at_ms` was heard."""
         if started_at_ms <= 0 or not self.words:
             return self.spoken
         at = int((started_at_ms / 1000 - self.audible_from) * SPOKEN_WORDS_PER_S)
         lo = max(0, at - ECHO_WINDOW_BEFORE)
-        return (self.before if lo == 0 else []) + self.words[lo:at + ECHO_WINDOW_AFTER]
+        return (self.before if lo == 0 else []) + self.words[lo:at + ECHO_WINDOW_AFTER + heard_words]
 
     def match(self, text: str, started_at_ms: int = 0) -> bool:
         if not self.enabled or not self.spoken or not self.could_be_echo(started_at_ms):
             return False
-        heard = content_words(words_of(text))
+        words = words_of(text)
+        heard = content_words(words)
         if not heard:
             return False
-        return best_window_overlap(self.reference(started_at_ms), heard) > self.ratio * len(heard)
+        found = best_window_overlap(self.reference(started_at_ms, len(words)), heard)
+        if found > self.ratio * len(heard):
+            return True
+        # A short fragment heard while the avatar is audible that shares a content word with what it
+        # is saying is its voice, misheard ("First speech to tap" for "For speech to text"). The
+        # price: a short barge-in that repeats the avatar's own words waits for its final turn.
+        return self.audible_until == float("inf") and len(heard) <= 3 and found >= 1
 
 
 def similar(a: str, b: str) -> bool:
