@@ -151,13 +151,15 @@ class SessionStore:
 
     async def end(self, sid: str, reason: str) -> bool:
         """End the session once; returns False if it was already ended or never existed."""
-        key = keys.session(sid)
-        # HSETNX-like flip on a field that only ever goes to "ended": the first caller wins.
+        # HSETNX-like flip on a field that only ever goes to "ended": the first caller wins. The
+        # presence of an ended session means nothing and goes in the same step, so nobody sees
+        # an ended session that still counts sockets.
         previous = await self.r.eval(
             "local s = redis.call('HGET', KEYS[1], 'state') "
             "if (not s) or s == 'ended' then return 0 end "
-            "redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_reason', ARGV[1]) return 1",
-            1, key, reason,
+            "redis.call('HSET', KEYS[1], 'state', 'ended', 'ended_reason', ARGV[1]) "
+            "redis.call('DEL', KEYS[2]) return 1",
+            2, keys.session(sid), keys.conns(sid), reason,
         )
         if not previous:
             return False
@@ -168,7 +170,6 @@ class SessionStore:
         async with self.r.pipeline(transaction=False) as pipe:
             for k in keys.all_session_keys(sid):
                 pipe.expire(k, ttl)
-            pipe.delete(keys.conns(sid))  # presence of an ended session means nothing
             pipe.zrem(keys.SESSIONS_INDEX, sid)
             await pipe.execute()
         return True
