@@ -21,7 +21,9 @@ from typing import Literal
 from common.settings import Settings
 
 _WORD = re.compile(r"[\w']+")
-HUM = re.compile(r"m+h*m*|h+m+|u+h+|a+h+|o+h+|e+h+")  # "mmm", "hmm", "uhh": how a recognizer spells a hum
+# Where a recognizer ends a clause: punctuation, or a cut-off word ("self-hostable- Sorry").
+_CLAUSE_END = re.compile(r"(?:[.?!,;:\u2026]+|-)(?:\s+|$)")
+HUM = re.compile(r"m+h*m*|h+m+|u+h+|h+u+h+|a+h+|o+h+|e+h+")  # "mmm", "hmm", "uhh": how a recognizer spells a hum
 MAX_SPOKEN_WORDS = 400  # echo reference: the avatar's latest words, bounded
 FUNCTION_WORDS = frozenset(
     """a an the and or but so to of in on at for with by from as is are was were be been am it its
@@ -33,12 +35,24 @@ ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
 ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
 SPOKEN_WORDS_PER_S = 2.6  # how fast the avatar speaks, to guess which words were playing when
 ECHO_WINDOW_BEFORE, ECHO_WINDOW_AFTER = 20, 12  # words around that guess (it is only a guess)
+LOUD_INTERIMS = 2  # loud interims of only echo words in a row that pause the avatar (a talker, not a cough)
+USER_CLAUSE_MAX_OVERLAP = 0.25  # in a text of echo, a clause sharing more than this is echo too
 
 Heard = Literal["echo", "backchannel", "words", "nothing"]
 
 
 def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower().replace("-", " "))
+
+
+def clauses(text: str) -> list[str]:
+    """`text` cut where the recognizer ended a clause, empty pieces dropped."""
+    pieces, start = [], 0
+    for end in _CLAUSE_END.finditer(text):
+        pieces.append(text[start:end.end()].strip())
+        start = end.end()
+    pieces.append(text[start:].strip())
+    return [p for p in pieces if words_of(p)]
 
 
 class Backchannels:
@@ -57,6 +71,8 @@ class Backchannels:
             return False
         if " ".join(heard) in self.phrases:
             return True
+        if len(heard) <= 4 and all(len(w) == 1 for w in heard):
+            return True  # a hum spelled out by the recognizer: "M. H. N."
         return len(heard) <= 8 and all(w in self.words or HUM.fullmatch(w) for w in heard)
 
 
@@ -109,7 +125,9 @@ class EchoGuard:
         lo = max(0, at - ECHO_WINDOW_BEFORE)
         return (self.before if lo == 0 else []) + self.words[lo:at + ECHO_WINDOW_AFTER + heard_words]
 
-    def match(self, text: str, started_at_ms: int = 0) -> bool:
+    def match(self, text: str, started_at_ms: int = 0, ratio: float | None = None) -> bool:
+        """Whether `text` is echo: more than `ratio` (default `ECHO_MATCH`) of its content words
+        are (loosely) in the stretch of the avatar's speech being played when it began."""
         if not self.enabled or not self.spoken or not self.could_be_echo(started_at_ms):
             return False
         words = words_of(text)
@@ -117,12 +135,38 @@ class EchoGuard:
         if not heard:
             return False
         found = best_window_overlap(self.reference(started_at_ms, len(words)), heard)
-        if found > self.ratio * len(heard):
+        if found > (self.ratio if ratio is None else ratio) * len(heard):
             return True
         # A short fragment heard while the avatar is audible that shares a content word with what it
         # is saying is its voice, misheard ("First speech to tap" for "For speech to text"). The
         # price: a short barge-in that repeats the avatar's own words waits for its final turn.
         return self.audible_until == float("inf") and len(heard) <= 3 and found >= 1
+
+
+    def residual(self, text: str, started_at_ms: int = 0) -> str:
+        """What of `text` is not the avatar's own voice.
+
+        With echo all the time the avatar talks, a recognizer hears no pause between its voice and
+        the user's: one utterance holds both ("Avatar stack is a self-hostable- Sorry, can it run
+        offline?"). So each clause is judged at about the time it was said (the utterance's start
+        plus its words so far at a speaking pace) and only the clauses that are not echo remain.
+        A text that is echo as a whole keeps a remainder only if it has two content words."""
+        whole = self.match(text, started_at_ms)
+        parts = clauses(text)
+        if len(parts) <= 1:
+            return "" if whole else text
+        kept, at = [], started_at_ms
+        for part in parts:
+            # Inside a text that is echo as a whole, a clause is the user's only when it shares
+            # (almost) nothing with what the avatar was saying: echo is misheard clause by clause.
+            if not self.match(part, at, USER_CLAUSE_MAX_OVERLAP if whole else None):
+                kept.append(part)
+            if at > 0:
+                at += round(len(words_of(part)) / SPOKEN_WORDS_PER_S * 1000)
+        rest = " ".join(kept)
+        if whole and len(content_words(words_of(rest))) < 2:
+            return ""
+        return rest
 
 
 def similar(a: str, b: str) -> bool:
@@ -155,6 +199,45 @@ def best_window_overlap(spoken: list[str], heard: list[str], slack: int = 3) -> 
     return best
 
 
+class Loudness:
+    """How loud the user and the avatar's echo are at this microphone, learnt as the talk goes:
+    the user from speech while the avatar is quiet, the echo from speech that repeats its words.
+
+    Words alone fail both ways in a real room: a recognizer mishears echo into words the avatar
+    never said ("Tour plus" for "a short pause"), and hears the echo instead of a user talking
+    over it. A user next to the microphone is well above the echo of a loudspeaker an arm away,
+    so once the two are `gap_db` apart, the level says who is speaking."""
+
+    SMOOTHING = 0.3  # weight of the newest level in the running estimates
+    MARGIN_DB = 1.0  # levels this close to the midpoint say nothing
+
+    def __init__(self, gap_db: float) -> None:
+        self.gap_db = gap_db
+        self.user: float | None = None
+        self.echo: float | None = None
+
+    def learn_user(self, level_db: float) -> None:
+        self.user = self._blend(self.user, level_db)
+
+    def learn_echo(self, level_db: float) -> None:
+        self.echo = self._blend(self.echo, level_db)
+
+    def says(self, level_db: float | None) -> Literal["user", "echo"] | None:
+        if level_db is None or self.gap_db <= 0 or self.user is None or self.echo is None:
+            return None
+        if self.user - self.echo < self.gap_db:
+            return None  # a loud loudspeaker, or a quiet user: only the words can tell
+        middle = (self.user + self.echo) / 2
+        if level_db >= middle + self.MARGIN_DB:
+            return "user"
+        if level_db <= middle - self.MARGIN_DB:
+            return "echo"
+        return None
+
+    def _blend(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * new
+
+
 class TurnPolicy:
     """Judges what was heard; `avatar_talking` says whether the avatar is audible right now."""
 
@@ -162,15 +245,47 @@ class TurnPolicy:
         self.min_words = settings.barge_in_min_words
         self.backchannels = Backchannels(settings, language)
         self.echo = EchoGuard(settings)
+        self.loudness = Loudness(settings.echo_level_gap_db if settings.echo_guard else 0.0)
+        self._loud_interims = 0  # interims in a row as loud as the user, in which only echo was heard
 
-    def judge(self, text: str, *, avatar_talking: bool, started_at: int = 0, interim: bool = False) -> Heard:
-        """`interim`: words of an utterance still going on, which need `min_words` to count."""
+    def judge(self, text: str, *, avatar_talking: bool, started_at: int = 0, interim: bool = False,
+              echo_checked: bool = False, level_db: float | None = None) -> Heard:
+        return self.hear(text, avatar_talking=avatar_talking, started_at=started_at, interim=interim,
+                         echo_checked=echo_checked, level_db=level_db)[0]
+
+    def hear(self, text: str, *, avatar_talking: bool, started_at: int = 0, interim: bool = False,
+             echo_checked: bool = False, level_db: float | None = None) -> tuple[Heard, str]:
+        """The verdict and the words it rests on (`text` less its echo clauses). `interim`: words
+        of an utterance still going on, which need `min_words` to count. `echo_checked`: `text`
+        is already what remained after the echo was taken out. `level_db`: how loud it was."""
         if not words_of(text):
-            return "nothing"
-        if self.echo.match(text, started_at):
-            return "echo"
-        if avatar_talking and self.backchannels.match(text):
-            return "backchannel"
-        if interim and len(words_of(text)) < self.min_words:
-            return "nothing"
-        return "words"
+            return "nothing", ""
+        rest = text if echo_checked else self._not_echo(text, avatar_talking, started_at, interim, level_db)
+        if not words_of(rest):
+            return "echo", ""
+        if avatar_talking and self.backchannels.match(rest):
+            return "backchannel", rest
+        if interim and len(words_of(rest)) < self.min_words:
+            return "nothing", rest
+        return "words", rest
+
+    def _not_echo(self, text: str, avatar_talking: bool, started_at: int, interim: bool,
+                  level_db: float | None) -> str:
+        """`text` less what is the avatar's echo, by words and, once learnt, by loudness."""
+        audible = self.echo.enabled and bool(self.echo.spoken) and self.echo.could_be_echo(started_at)
+        by_level = self.loudness.says(level_db) if audible else None
+        if level_db is not None:
+            if not audible and not avatar_talking:
+                self.loudness.learn_user(level_db)
+            elif by_level != "user" and self.echo.match(text, started_at):
+                self.loudness.learn_echo(level_db)  # (the user's voice over it is no echo level)
+        if by_level == "echo":
+            return ""
+        rest = self.echo.residual(text, started_at)
+        if by_level != "user" or not interim:
+            self._loud_interims = 0
+            return rest  # a final that is all the avatar's words is not answered, however loud
+        self._loud_interims += 1
+        if words_of(rest) or self._loud_interims >= LOUD_INTERIMS:
+            return rest or text  # the user is speaking over it: what was heard is theirs, misheard or not
+        return ""  # loud once, with only the avatar's words heard: a "mhm" or a knock, until it goes on

@@ -35,6 +35,7 @@ from common.models import (
     SessionEnd,
     SpeechStarted,
     TranscriptIgnored,
+    TurnSegment,
     UserInterrupt,
     UserSpeech,
     UserTurn,
@@ -167,20 +168,21 @@ class _Conversation:
     async def _is_a_turn(self, turn: UserTurn) -> bool:
         """A final is answered unless it is the avatar's own echo or a backchannel said over it.
 
-        Each segment is judged on its own (a turn may join the tail of the avatar's echo with the
-        user's question): echo segments are dropped from what is answered."""
+        Each segment, and each clause of it, is judged at the time it was said (a turn may join
+        the avatar's echo with the user's question): what is echo is dropped from what is answered."""
         talking = self._talking()
-        verdict = self.policy.judge(turn.text, avatar_talking=talking)
-        if turn.segments:
-            kept = [s for s in turn.segments if self.policy.judge(s.text, avatar_talking=talking,
-                                                                   started_at=s.started_at) != "echo"]
-            if not kept:
-                verdict = "echo"
-            elif len(kept) < len(turn.segments):
-                turn.text = " ".join(s.text for s in kept)
-                verdict = self.policy.judge(turn.text, avatar_talking=talking, started_at=kept[0].started_at)
-            elif verdict == "echo":  # the whole text matches, but no segment began while it talked
-                verdict = self.policy.judge(turn.text, avatar_talking=talking, started_at=kept[0].started_at)
+        pieces = turn.segments or [TurnSegment(text=turn.text, started_at=0)]
+        kept = [rest for s in pieces
+                if (rest := self.policy.hear(s.text, avatar_talking=talking, started_at=s.started_at,
+                                             level_db=s.level_db)[1])]
+        if not kept:
+            verdict = "echo"
+        else:
+            text = " ".join(kept)
+            if text != turn.text:
+                log.info("echo dropped from turn %s", turn.turn_id, extra={"sid": self.sid})
+                turn.text = text
+            verdict = self.policy.judge(text, avatar_talking=talking, echo_checked=True)
         HEARD.labels(verdict, "final").inc()
         if verdict == "words":
             return True
@@ -192,7 +194,8 @@ class _Conversation:
 
     async def _heard_over_avatar(self, speech: UserSpeech) -> None:
         """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
-        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at, interim=True)
+        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at, interim=True,
+                                    level_db=speech.level_db)
         HEARD.labels(verdict, "interim").inc()
         if verdict != "words":
             return

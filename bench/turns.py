@@ -40,7 +40,7 @@ from bench.local_stack import local_stack
 from bench.measure import pct
 from common.pcm import SAMPLE_RATE
 from tests.client import create_session
-from tests.room import Room, noise, said, since, speech
+from tests.room import Room, noise, said, since, speech, trim_trailing_silence
 
 TRIGGER = "Tell me about the avatar providers."  # a long answer (~10 s) to talk over
 
@@ -66,9 +66,65 @@ BARGE_INS = [
     "Hold on, who are you?", "Excuse me, which speech engines does it use?",
 ]
 ECHO_LEVELS = [(-6.0, 250), (-10.0, 120), (-15.0, 60)]
+USER_PITCH_SEMITONES = 3  # the piper user is the avatar's voice model, made another person's
 
 
-async def run_scenarios(base_url: str, echo_db: float, echo_ms: int, only: set[str] | None) -> dict[str, Any]:
+class UserVoice:
+    """How the user sounds. `espeak`: flat synthetic prosody, which Whisper tiny.en mishears
+    next to the avatar's echo and the turn model cannot read. `piper`: a natural voice (the
+    bundled piper model raised by a few semitones, so it is not the avatar's), whose pauses
+    mid-sentence are piper's own comma pauses (continuing intonation) stretched to the gap."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tts = None
+        if name == "piper":
+            from avatar_service.tts import PiperTts
+
+            self._tts = PiperTts()
+
+    def say(self, text: str) -> np.ndarray:
+        if self._tts is None:
+            return speech(text)
+        return self._trimmed(self._piper(text))
+
+    def say_with_pause(self, head: str, gap_s: float, rest: str) -> np.ndarray:
+        pause = np.zeros(int(gap_s * SAMPLE_RATE), np.float32)
+        if self._tts is None:
+            return np.concatenate([speech(head), pause, speech(rest)])
+        audio = self._piper(f"{head}, {rest}")
+        start, end = _longest_inner_gap(audio)
+        return self._trimmed(np.concatenate([audio[:start], pause, audio[end:]]))
+
+    def _piper(self, text: str) -> np.ndarray:
+        import soxr
+
+        voice = self._tts._voice  # type: ignore[attr-defined]
+        audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)]).astype(np.float32)
+        # Resampling as if recorded faster raises the pitch (and the pace, a little).
+        rate = voice.config.sample_rate * 2 ** (USER_PITCH_SEMITONES / 12)
+        return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+    @staticmethod
+    def _trimmed(audio: np.ndarray) -> np.ndarray:
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        return np.frombuffer(trim_trailing_silence(pcm), dtype="<i2").astype(np.float32) / 32768
+
+
+def _longest_inner_gap(audio: np.ndarray, hop: int = 320, quiet_db: float = -40.0) -> tuple[int, int]:
+    """Sample range of the longest quiet run between two voiced stretches (the comma's pause)."""
+    n = len(audio) // hop
+    rms = np.sqrt(np.mean(audio[: n * hop].reshape(n, hop) ** 2, axis=1))
+    voiced = np.nonzero(20 * np.log10(rms + 1e-9) > quiet_db)[0]
+    if len(voiced) < 2:
+        return len(audio), len(audio)
+    gaps = np.diff(voiced)
+    i = int(np.argmax(gaps))
+    return int(voiced[i] + 1) * hop, int(voiced[i + 1]) * hop
+
+
+async def run_scenarios(base_url: str, echo_db: float | None, echo_ms: int, only: set[str] | None,
+                        voice: UserVoice) -> dict[str, Any]:
     rng = np.random.default_rng(7)
     results: dict[str, list[dict[str, Any]]] = {}
     rooms: list[Room] = []
@@ -91,7 +147,7 @@ async def run_scenarios(base_url: str, echo_db: float, echo_ms: int, only: set[s
 
     async def ask(room: Room, text: str) -> tuple[int, float]:
         mark = len(room.events)
-        end = await said(room, speech(text))
+        end = await said(room, voice.say(text))
         return mark, end
 
     async def answered_turn(room: Room, mark: int, timeout_s: float = 20) -> dict[str, Any] | None:
@@ -115,8 +171,7 @@ async def run_scenarios(base_url: str, echo_db: float, echo_ms: int, only: set[s
         if want("paused"):
             for head, gap, rest in PAUSED:
                 mark = len(room.events)
-                pause = np.zeros(int(gap * SAMPLE_RATE), np.float32)
-                end = await said(room, np.concatenate([speech(head), pause, speech(rest)]))
+                end = await said(room, voice.say_with_pause(head, gap, rest))
                 audio = await answered_turn(room, mark)
                 await room.quiet()
                 turns = {e["turn_id"] for e in since(room, mark, "avatar.reply")}
@@ -140,7 +195,7 @@ async def run_scenarios(base_url: str, echo_db: float, echo_ms: int, only: set[s
                 await asyncio.sleep(2.0)  # well into the reply
                 over = len(room.events)
                 onset = time.monotonic()
-                audio = speech(item) if kind != "noise" else noise(item, rng)
+                audio = voice.say(item) if kind != "noise" else noise(item, rng)
                 await said(room, audio)
                 quiet = await room.wait(
                     lambda e, m=over: e in room.events[m:] and (
@@ -223,12 +278,16 @@ def main() -> None:
     parser.add_argument("--echo-ms", type=int, default=120, help="... after this delay")
     parser.add_argument("--no-echo", action="store_true", help="a headset: no avatar voice in the mic")
     parser.add_argument("--only", default="", help="comma-separated scenario kinds")
+    parser.add_argument("--user-voice", choices=("piper", "espeak"), default="piper",
+                        help="the user's voice: natural (piper, pitched up) or synthetic (espeak)")
     parser.add_argument("--json", default="", help="write the summary and rows here")
     args = parser.parse_args()
     only = {k.strip() for k in args.only.split(",") if k.strip()} or None
     with local_stack(os.environ.get("BENCH_SERVICE_PYTHONPATH") or None, SESSION_IDLE_TIMEOUT_S="3600",
                      LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING")) as stack:
-        out = asyncio.run(run_scenarios(stack.base_url, None if args.no_echo else args.echo_db, args.echo_ms, only))
+        voice = UserVoice(args.user_voice)
+        out = asyncio.run(run_scenarios(stack.base_url, None if args.no_echo else args.echo_db, args.echo_ms, only,
+                                        voice))
     print(json.dumps(out["summary"], indent=2))
     if os.environ.get("BENCH_EVENTS"):
         with open(os.environ["BENCH_EVENTS"], "w") as f:

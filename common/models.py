@@ -227,6 +227,7 @@ class TurnSegment(_Msg):
 
     text: str
     started_at: int  # unix ms when its first audio reached the STT worker (≈ when it was spoken)
+    level_db: float | None = None  # its loudest speech (dBFS): the user near the mic is louder than echo
 
 
 class UserTurn(_Msg):
@@ -256,6 +257,7 @@ class UserSpeech(_Msg):
     text: str
     started_at: int = 0  # unix ms when the utterance's first audio reached the STT worker
     held: bool = False  # a finished segment of a turn the STT worker holds open (more may follow)
+    level_db: float | None = None  # loudest speech (dBFS) of its latest audio, for the echo guard
     ts: int = Field(default_factory=now_ms)
 
 

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     echo_guard: bool = True  # user speech that repeats the avatar's own recent words is echo
     echo_tail_s: float = Field(default=2.5, ge=0, le=30)  # when a speech start is unknown: how long echo may come
     echo_match: float = Field(default=0.5, ge=0, lt=1)  # echo: more than this share of the heard words are its
+    # The user near the mic is louder than the avatar's echo: once both levels are learnt and are at
+    # least this far apart, speech over the avatar is told by its loudness (0 = by words only).
+    echo_level_gap_db: float = Field(default=6.0, ge=0, le=40)
 
     # Gateway
     gateway_host: str = "127.0.0.1"

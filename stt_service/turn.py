@@ -43,6 +43,9 @@ TRAILING_S = 0.2  # silence after the last word the model expects to hear
 MODEL_TIMEOUT_S = 0.5  # a busier worker decides from the words alone rather than wait
 MODEL_MAX_QUEUED = 2  # ... and so does one whose model thread already has this many pauses to judge
 
+FRAME_S = 0.02
+LEVEL_FLOOR_DB = -60.0  # frames quieter than this are silence, not speech
+
 TextVerdict = Literal["incomplete", "complete", "weak_complete", "unknown"]
 
 # English words after which a sentence almost never ends. Other languages use punctuation + audio.
@@ -53,6 +56,13 @@ _DANGLING = frozenset(
     like um uh er erm hmm than then into onto some any every each very really just also i we you
     me us them he she they it's i'm i'd we're you're there's let's not no between against
     through during before after until since unless although though whereas""".split()
+)
+# ... and those after which not even a question mark ends it: Whisper writes "What happens when?"
+# and "Is it possible to?" for a speaker who paused there (other stranded prepositions, "Where is
+# it from?", do end questions; "Who are you talking to?" waits `turn_max_wait_s` at worst).
+_DANGLING_EVEN_ASKED = frozenset(
+    """and or but because the a an if when while whether than although though unless whereas my
+    your our their um uh er erm to""".split()
 )
 # Phrases that announce the rest of the sentence when they end the text without a question mark.
 _ANNOUNCING = (
@@ -77,6 +87,8 @@ def text_verdict(text: str) -> TextVerdict:
     tail = " ".join(words[-6:])
     if any(tail == p or tail.endswith(" " + p) for p in _ANNOUNCING):
         return "incomplete"  # "Can you tell me?" still announces what the user wants to know
+    if words[-1] in _DANGLING_EVEN_ASKED:
+        return "incomplete"
     if stripped.endswith("?"):
         return "complete"
     if words[-1] in _DANGLING:
@@ -128,6 +140,7 @@ class TurnDetector:
         self._session: object | None = None
         self._features: object | None = None
         self._loaded = False
+        self.model_timeout_s = MODEL_TIMEOUT_S
         self._queued = 0  # judgements waiting for or running on the model thread
         self.skipped = 0  # pauses judged from the words alone because the model was busy
 
@@ -173,10 +186,10 @@ class TurnDetector:
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._probability, audio)
         future.add_done_callback(lambda _: self._release())
         try:
-            return await asyncio.wait_for(asyncio.shield(future), MODEL_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(future), self.model_timeout_s)
         except TimeoutError:
             self.skipped += 1
-            log.warning("turn model slower than %.1f s: deciding from the words", MODEL_TIMEOUT_S)
+            log.warning("turn model slower than %.1f s: deciding from the words", self.model_timeout_s)
             return None
 
     def _release(self) -> None:
@@ -228,6 +241,27 @@ class AudioTail:
             end_s, wall = self.arrivals[0]
             return round((wall - (end_s - t)) * 1000)
         return round(time.time() * 1000)
+
+    def level_db(self, start_s: float, end_s: float) -> float | None:
+        """How loud the speech in [start_s, end_s] is: the 90th percentile of its 20 ms frames'
+        level (dBFS), over what is still held; None where nothing there is above the floor. The
+        loudest tenth, so a user who speaks over a quieter echo for part of it sets the level."""
+        held_from = self.end_s - self.nbytes / 2 / SAMPLE_RATE
+        start_s, end_s = max(start_s, held_from), min(end_s, self.end_s)
+        if end_s - start_s < FRAME_S:
+            return None
+        pcm = b"".join(self.chunks)
+        lo = round((start_s - held_from) * SAMPLE_RATE) * 2
+        hi = round((end_s - held_from) * SAMPLE_RATE) * 2
+        samples = pcm16_to_float(pcm[lo:hi])
+        hop = round(FRAME_S * SAMPLE_RATE)
+        n = len(samples) // hop
+        if n == 0:
+            return None
+        rms = np.sqrt(np.mean(samples[: n * hop].reshape(n, hop) ** 2, axis=1))
+        levels = 20 * np.log10(rms + 1e-9)
+        voiced = levels[levels > LEVEL_FLOOR_DB]
+        return round(float(np.percentile(voiced, 90)), 1) if len(voiced) else None
 
     def until(self, end_s: float) -> np.ndarray:
         """Audio up to session time `end_s` (as much of the last `keep_s` as is held)."""

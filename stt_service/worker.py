@@ -244,7 +244,8 @@ class _SttSession:
                 start_s=round(first.start_s, 3), end_s=round(segments[-1].end_s, 3),
             ),
         )
-        pieces = [TurnSegment(text=r.text, started_at=self.tail.received_at_ms(r.start_s)) for r in segments]
+        pieces = [TurnSegment(text=r.text, started_at=self.tail.received_at_ms(r.start_s),
+                              level_db=self.tail.level_db(r.start_s, r.end_s)) for r in segments]
         await bus.publish_turn(
             self.sid, UserTurn(turn_id=first.utterance_id, text=text, source="voice", segments=pieces)
         )
@@ -260,6 +261,11 @@ class _SttSession:
         await self.w.store.set_fields(
             self.sid, **{keys.F_STT_CURSOR: self.cursor, keys.F_STT_CURSOR_T: f"{self.cursor_t:.4f}"}
         )
+
+
+RECENT_LEVEL_S = 1.5  # an interim's level is that of its latest audio: who is speaking now
+MAX_HELD_TURN_S = 30.0  # a turn held across pauses ends at this length whatever its words say
+MAX_HELD_SEGMENTS = 16
 
 
 class _Turn:
@@ -289,13 +295,19 @@ class _Turn:
         bus, sid = self.s.w.bus, self.s.sid
         first = self.held[0] if self.held else result
         await bus.publish_event(sid, TranscriptInterim(utterance_id=first.utterance_id, text=self.text(result.text)))
-        started_at = self.s.tail.received_at_ms(result.start_s)
-        speech = UserSpeech(utterance_id=first.utterance_id, text=result.text, started_at=started_at)
+        tail = self.s.tail
+        end_s = result.end_s if result.end_s > result.start_s else tail.end_s  # local interims: up to now
+        speech = UserSpeech(utterance_id=first.utterance_id, text=result.text,
+                            started_at=tail.received_at_ms(result.start_s),
+                            level_db=tail.level_db(max(result.start_s, end_s - RECENT_LEVEL_S), end_s))
         await bus.publish_turn(sid, speech)
 
     async def segment(self, result: SttResult) -> None:
         self.held.append(result)
         text = self.text()
+        if result.end_s - self.held[0].start_s >= MAX_HELD_TURN_S or len(self.held) >= MAX_HELD_SEGMENTS:
+            await self.flush()  # someone who talks on and on still gets an answer (and a bound)
+            return
         verdict = await self.s.w.turns.decide(text, self.s.tail.until(result.end_s + TRAILING_S))
         TURN_DECISIONS.labels(
             "complete" if verdict.complete else "incomplete", "words" if verdict.p_audio is None else "audio"
@@ -306,7 +318,8 @@ class _Turn:
         # The segment's words count for barge-in (an engine may skip interims); `held` tells the
         # avatar worker that the rest of this turn may take up to turn_max_wait_s.
         speech = UserSpeech(utterance_id=self.held[0].utterance_id, text=result.text,
-                            started_at=self.s.tail.received_at_ms(result.start_s), held=True)
+                            started_at=self.s.tail.received_at_ms(result.start_s), held=True,
+                            level_db=self.s.tail.level_db(result.start_s, result.end_s))
         await self.s.w.bus.publish_turn(self.s.sid, speech)
         log.info("turn held: words %s, audio %s", verdict.text,
                  "-" if verdict.p_audio is None else f"{verdict.p_audio:.2f}", extra={"sid": self.s.sid})

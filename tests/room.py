@@ -66,8 +66,11 @@ class Playback:
     queue: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (reply id, 16 kHz samples)
     paused: bool = False
     played: list[np.ndarray] = field(default_factory=list)  # what reached the loudspeaker, per frame
+    discarded: set[str] = field(default_factory=set)  # replies cut off: their late chunks are dropped
 
     def add(self, reply_id: str, pcm: bytes, rate: int) -> None:
+        if reply_id in self.discarded:
+            return
         samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
         if rate != SAMPLE_RATE:
             samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32)
@@ -75,6 +78,7 @@ class Playback:
 
     def cut(self, reply_id: str) -> None:
         self.queue = [(r, s) for r, s in self.queue if r != reply_id]
+        self.discarded.add(reply_id)
         self.paused = False
 
     def tick(self) -> np.ndarray:

@@ -105,6 +105,8 @@ def test_clean_transcript_drops_hallucinations() -> None:
     for junk in ["", "  ", "you", "You.", "[BLANK_AUDIO]", "(music)", "...", " ?! ", "Thanks for watching!", "♪♪"]:
         assert clean_transcript(junk) == "", junk
     assert clean_transcript("[BLANK_AUDIO] hello there") == "hello there"
+    assert clean_transcript("Is it possible to? Is it possible to?") == "Is it possible to?"  # doubled
+    assert clean_transcript("No. No, I meant the other one.") == "No. No, I meant the other one."
 
 
 def test_segmenter_cuts_long_speech_into_bounded_utterances() -> None:

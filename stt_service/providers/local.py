@@ -86,7 +86,19 @@ def clean_transcript(text: str) -> str:
     words = _WORD.findall(spoken.lower())
     if not words or " ".join(words) in _HALLUCINATIONS:
         return ""
-    return " ".join(spoken.split())
+    return _without_repeats(" ".join(spoken.split()))
+
+
+def _without_repeats(text: str) -> str:
+    """Whisper (tiny.en most) doubles a short sentence it is unsure of: "Is it possible to? Is it
+    possible to?". One sentence said twice in a row is kept once."""
+    sentences = re.findall(r"[^.?!]+[.?!]*\s*", text)
+    kept: list[str] = []
+    for sentence in sentences:
+        if kept and _WORD.findall(sentence.lower()) == _WORD.findall(kept[-1].lower()):
+            continue
+        kept.append(sentence)
+    return "".join(kept).strip()
 
 
 def _compression_ratio(text: str) -> float:
