@@ -35,7 +35,6 @@ ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
 ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
 SPOKEN_WORDS_PER_S = 2.6  # how fast the avatar speaks, to guess which words were playing when
 ECHO_WINDOW_BEFORE, ECHO_WINDOW_AFTER = 20, 12  # words around that guess (it is only a guess)
-LOUD_INTERIMS = 2  # loud interims of only echo words in a row that pause the avatar (a talker, not a cough)
 USER_CLAUSE_MAX_OVERLAP = 0.25  # in a text of echo, a clause sharing more than this is echo too
 
 Heard = Literal["echo", "backchannel", "words", "nothing"]
@@ -246,7 +245,6 @@ class TurnPolicy:
         self.backchannels = Backchannels(settings, language)
         self.echo = EchoGuard(settings)
         self.loudness = Loudness(settings.echo_level_gap_db if settings.echo_guard else 0.0)
-        self._loud_interims = 0  # interims in a row as loud as the user, in which only echo was heard
 
     def judge(self, text: str, *, avatar_talking: bool, started_at: int = 0, interim: bool = False,
               echo_checked: bool = False, level_db: float | None = None) -> Heard:
@@ -282,10 +280,6 @@ class TurnPolicy:
         if by_level == "echo":
             return ""
         rest = self.echo.residual(text, started_at)
-        if by_level != "user" or not interim:
-            self._loud_interims = 0
-            return rest  # a final that is all the avatar's words is not answered, however loud
-        self._loud_interims += 1
-        if words_of(rest) or self._loud_interims >= LOUD_INTERIMS:
+        if by_level == "user" and interim:
             return rest or text  # the user is speaking over it: what was heard is theirs, misheard or not
-        return ""  # loud once, with only the avatar's words heard: a "mhm" or a knock, until it goes on
+        return rest  # a final that is all the avatar's words is not answered, however loud

@@ -2,9 +2,10 @@
 
 Starts its own Redis, gateway, STT worker and avatar worker (local providers, real processes) and
 talks to them through the real WebSocket like a page next to a loudspeaker: one microphone stream
-of 20 ms frames at real-time pace, into which it mixes the user's speech (espeak-ng), noise
-bursts, and the avatar's voice as it is "played" (the audio the page receives, played back to back,
-frozen while the avatar is paused, cut on barge-in) at `--echo-db` after `--echo-ms`.
+of 20 ms frames at real-time pace, into which it mixes the user's speech (`--user-voice`: a
+natural piper voice pitched up from the avatar's, by default, or espeak-ng), noise bursts, and
+the avatar's voice as it is "played" (the audio the page receives, played back to back, frozen
+while the avatar is paused, cut on barge-in) at `--echo-db` after `--echo-ms`.
 
 Scenarios (36 by default) and what each counts:
 
@@ -18,7 +19,7 @@ Scenarios (36 by default) and what each counts:
   user says nothing more → self-interruptions (its reply stopped) and self-answers (a turn made of
   its own words answered).
 
-    .venv/bin/python -m bench.turns [--echo-db -10 --echo-ms 120] [--json out.json]
+    .venv/bin/python -m bench.turns [--echo-db -10 --echo-ms 120] [--user-voice piper|espeak] [--json out.json]
 
 `BENCH_SERVICE_PYTHONPATH` runs the services from another checkout (the "before" numbers).
 """
