@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_api_key: SecretStr | None = None
     gateway_public_url: str = ""
+    # Demo mode: POST /demo/sessions creates sessions without GATEWAY_API_KEY (rate-limited per address),
+    # so the bundled page works on a keyed gateway. Anyone reaching the gateway can then start sessions.
+    gateway_demo_sessions: bool = False
     # Browser origins allowed besides the gateway's own (comma-separated, e.g. https://app.example.com);
     # empty = same origin only; `*` = any (only when set explicitly)
     allowed_origins: str = ""

@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
     app.include_router(sessions_api.router)
     app.include_router(browser_ws.router)
+    if settings.gateway_demo_sessions:
+        app.include_router(sessions_api.demo_router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
