@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     say = sub.add_parser("say", help="stream a WAV file as a user would speak it; print the events")
     say.add_argument("wav", help="a 16-bit PCM WAV file (any rate, mono or stereo)")
     say.add_argument("--url", default=None, help="gateway URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
-    say.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply")
+    say.add_argument("--timeout", type=float, default=60.0, help="seconds after the file for the last reply")
+    say.add_argument(
+        "--settle", type=float, default=3.0, help="quiet seconds after the file (and the last reply) before exiting"
+    )
     say.add_argument("--api-key", default=None, help="GATEWAY_API_KEY, if the gateway requires one")
     bench = sub.add_parser("bench", help="measure per-hop latency and capacity with fake vendors (see bench/)")
     bench.set_defaults(bench_parser=bench)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::") else settings.gateway_host
         url = args.url or f"http://{host}:{settings.gateway_port}"
         key = args.api_key or (settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None)
-        return asyncio.run(say_file(args.wav, url, timeout_s=args.timeout, api_key=key))
+        return asyncio.run(say_file(args.wav, url, timeout_s=args.timeout, api_key=key, settle_s=args.settle))
     return 0
 
 

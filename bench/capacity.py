@@ -52,11 +52,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from websockets.asyncio.server import ServerConnection
 
+from avatar_stack.client import Browser, create_session
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from bench.stt_deepgram import PAUSE_S, WORDS, Closed, TimedFakeDeepgram, script, wait_ready
 from common import keys
-from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, Speech
 from tests.fakes.heygen import FakeHeyGen
 
