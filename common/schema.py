@@ -27,7 +27,7 @@ from common import models
 FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
 SCHEMA_FILE = FRONTEND / "protocol.schema.json"
 DTS_FILE = FRONTEND / "protocol.d.ts"
-SCHEMA_ID = "https://github.com/avatar-stack/avatar-stack/frontend/protocol.schema.json"
+SCHEMA_ID = "urn:avatar-stack:protocol:v1"  # served by the gateway at /protocol.schema.json
 
 # (name, mode, type): `validation` for what the gateway reads, `serialization` for what it writes.
 ROOTS: list[tuple[str, str, Any]] = [
