@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
+from avatar_stack import __version__
 from common.settings import get_settings
+
+SERVICES_AND_DOCTOR = ("up", "gateway", "stt-worker", "avatar-worker", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-stack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"avatar-stack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start Redis (if needed), the gateway and one worker of each kind")
     sub.add_parser("gateway", help="run the gateway (REST + browser WebSocket + page)")
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--settle", type=float, default=3.0, help="quiet seconds after the file (and the last reply) before exiting"
     )
     say.add_argument("--api-key", default=None, help="GATEWAY_API_KEY, if the gateway requires one")
+    sub.add_parser(
+        "doctor", help="show the resolved settings (secrets masked) and check Redis and each configured vendor"
+    )
     bench = sub.add_parser("bench", help="measure per-hop latency and capacity with fake vendors (see bench/)")
     bench.set_defaults(bench_parser=bench)
     return parser
@@ -36,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
 
+    if args.command in SERVICES_AND_DOCTOR and not os.environ.get("AVATAR_STACK_SETTINGS_CHECKED"):
+        from avatar_stack.config import warn_unknown_settings
+
+        warn_unknown_settings(sys.stderr)  # a misspelt setting would otherwise be silently ignored
     settings = get_settings()
+    if args.command == "doctor":
+        from avatar_stack.doctor import doctor
+
+        return doctor(settings)
     if args.command == "up":
         from avatar_stack.up import up
 
