@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from common.build_info import package_version, set_build_info
 from common.bus import Bus, connect
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
@@ -55,7 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await r.aclose()
 
-    app = FastAPI(title="avatar-stack gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="avatar-stack gateway", version=package_version(), lifespan=lifespan)
+    set_build_info("gateway")
     origins = OriginPolicy.from_settings(settings)
     app.state.origins = origins  # also checked by the browser WebSocket
     app.state.session_buckets = TokenBuckets(settings.session_create_rate_per_min, settings.session_create_burst)
