@@ -285,12 +285,15 @@ function handleEvent(event) {
     case "transcript.interim":
       upsertUtterance(event.utterance_id, event.text, false);
       break;
-    case "transcript.final":
+    case "transcript.final": {
       app.lastFinalAt = performance.now();
-      breakdown.final(event, app.lastFinalAt, app.lastVoiceAt);
+      // End of speech: where the server's VAD ended it, on this page's clock (else the last loud frame).
+      const vadEnd = app.socket?.captureTimeOf(event.end_s) ?? null;
+      breakdown.final(event, app.lastFinalAt, vadEnd ?? app.lastVoiceAt, vadEnd != null ? "vad" : "level");
       upsertUtterance(event.utterance_id, event.text, true);
       setThinking(event.utterance_id);
       break;
+    }
     case "transcript.ignored": {
       // The avatar's own voice heard back (echo) or a "mhm" said over it: not a turn.
       const li = findItem("data-utterance-id", event.utterance_id);
