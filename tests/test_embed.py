@@ -21,7 +21,7 @@ import pytest
 
 from avatar_stack.up import free_port
 from tests.browser_util import launch, screenshot, silence_wav, static_server
-from tests.conftest import Stack, start_stack
+from tests.conftest import Stack, scrape, start_stack
 from tests.speech import speech_available, speech_wav
 from tests.test_gateway import start_gateway
 
@@ -206,6 +206,14 @@ def test_widget_on_another_origin_holds_a_conversation(keyed_stack: Stack, examp
         assert {"session.ready", "transcript.final", "avatar.reply", "avatar.started_talking"} <= {
             e["type"] for e in raw
         }
+
+        # The gateway timed the spoken turn: its VAD end of speech -> the reply's first audio sent.
+        metrics = scrape(f"{keyed_stack.base_url}/metrics")
+        count = metrics.get("gateway_turn_speech_end_to_first_audio_seconds_count", 0)
+        assert count >= 1, metrics
+        mean = metrics["gateway_turn_speech_end_to_first_audio_seconds_sum"] / count
+        print(f"\n[widget] gateway: end of speech -> first audio, mean of {count:.0f}: {mean * 1000:.0f} ms")
+        assert 0.1 < mean < 30, mean
 
         widget.locator("button.stop").click()
         page.wait_for_function("document.querySelector('avatar-stack-avatar').state === 'ended'")
