@@ -102,6 +102,8 @@ def checks(settings: Settings) -> list[Check]:
         else:
             missing = "LIVEKIT_API_KEY and LIVEKIT_API_SECRET must be set"
             out.append(Check("livekit", settings.livekit_url, False, missing))
+    if settings.otel_exporter_otlp_endpoint:
+        out.append(reach_http("traces: otlp", settings.otel_exporter_otlp_endpoint))
     return out
 
 

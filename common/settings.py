@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     max_text_chars: int = 2000
 
     log_level: str = "INFO"
+    # Tracing (common/tracing.py): spans per user turn across the services; off unless one is set.
+    otel_exporter_otlp_endpoint: str = ""  # OTLP over HTTP, e.g. http://otel-collector:4318
+    traces_file: str = ""  # spans as JSON lines appended to this file (tests, debugging)
     # Workers' Prometheus endpoints (the gateway serves /metrics on its own port). A taken port
     # falls back to a free one, advertised in `workers:{kind}`; 0 = no endpoint.
     metrics_host: str = "127.0.0.1"

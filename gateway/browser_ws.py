@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from common import keys
+from common import keys, tracing
 from common.bus import Bus, dump
 from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
@@ -279,6 +279,8 @@ class BrowserConnection:
                 if live:
                     EVENT_DELIVERY.observe(entry_age_s(after))
                     self.turn_timer.event(event, time.monotonic())
+                    if b"tp" in fields:  # a traced turn's event (common/tracing.py)
+                        tracing.delivered(fields[b"tp"], orjson.loads(event).get("type", ""), int(after.split("-")[0]))
                 if b'"type":"session.ended"' in event:
                     await self._close(1000, "session ended")
                     return
