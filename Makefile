@@ -18,6 +18,7 @@ run: setup
 
 test: setup-system setup setup-livekit
 	$(BIN)/ruff check .
+	$(BIN)/python -m common.schema --check
 	$(BIN)/pytest -ra
 
 # The protocol's JSON Schema and TypeScript types, from common/models.py (tests fail when they drift).
