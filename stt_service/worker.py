@@ -237,7 +237,8 @@ class _SttSession:
     async def _publish_final(self, segments: list[SttResult]) -> None:
         bus = self.w.bus
         first, text = segments[0], " ".join(r.text for r in segments)
-        tracing.end_of_speech(self.sid, first.utterance_id, self.tail.received_at_ms(segments[-1].end_s))
+        if tracing.enabled():  # where the VAD ended the speech starts the turn's trace (common/tracing.py)
+            tracing.end_of_speech(self.sid, first.utterance_id, self.tail.received_at_ms(segments[-1].end_s))
         await bus.publish_event(
             self.sid,
             TranscriptFinal(
