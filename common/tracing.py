@@ -149,14 +149,16 @@ def turn_published(sid: str, turn: Any) -> bytes | None:
         return None
     now = _now_ns()
     attributes = {"session.id": sid, "turn.id": turn.turn_id, "turn.source": turn.source}
+    # A new trace per turn, not a child of whatever runs now (the gateway's WebSocket request has a
+    # span of its own for as long as the page stays): linked to it instead.
+    current = trace.get_current_span().get_span_context()
+    root = {"context": Context(), "attributes": attributes, "links": [trace.Link(current)] if current.is_valid else []}
     if turn.source == "voice":
         with _lock:
             start = _speech_ends.pop((sid, turn.turn_id), None)
-        span = _tracer.start_span(
-            "stt.end_of_speech_to_final", start_time=min(start or now, now), attributes=attributes
-        )
+        span = _tracer.start_span("stt.end_of_speech_to_final", start_time=min(start or now, now), **root)
     else:
-        span = _tracer.start_span("gateway.text_turn", start_time=now, attributes=attributes)
+        span = _tracer.start_span("gateway.text_turn", start_time=now, **root)
     span.end(end_time=now)
     return _carrier(trace.set_span_in_context(span))
 

@@ -92,7 +92,9 @@ async def test_a_typed_turn_starts_its_trace_at_the_gateway(traced_stack):
     await conv.close()
     spans = wait_spans(path, lambda ss: any(s["name"] == "gateway.text_turn" for s in ss))
     [root] = [s for s in spans if s["name"] == "gateway.text_turn"]
-    names = {s["name"] for s in wait_spans(
-        path, lambda ss: any(s["name"] == "avatar.brain_first_text" and s["trace_id"] == root["trace_id"] for s in ss)
-    ) if s["trace_id"] == root["trace_id"]}  # fmt: skip
-    assert {"gateway.text_turn", "avatar.turn", "avatar.brain_first_text"} <= names
+    wanted = {"gateway.text_turn", "avatar.turn", "avatar.brain_first_text"}
+    # avatar.turn ends once the avatar is heard: wait for it rather than for the first span.
+    spans = wait_spans(path, lambda ss: wanted <= {s["name"] for s in ss if s["trace_id"] == root["trace_id"]}, 30)
+    assert root["service"] == "avatar-stack-gateway" and root["parent_id"] is None
+    turn = next(s for s in spans if s["name"] == "avatar.turn" and s["trace_id"] == root["trace_id"])
+    assert turn["parent_id"] == root["span_id"]
