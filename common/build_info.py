@@ -8,7 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import Gauge
 
-BUILD_INFO = Gauge("avatar_stack_build_info", "The running build (always 1)", ["service", "version", "python"])
+# Exposed as avatar_stack_build_info (common/metrics.py adds the prefix to every series).
+BUILD_INFO = Gauge("build_info", "The running build (always 1)", ["service", "version", "python"])
 
 
 def package_version() -> str:

@@ -15,6 +15,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from common.build_info import package_version, set_build_info
 from common.bus import Bus, connect
+from common.exposition import EXPOSED
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(EXPOSED), media_type=CONTENT_TYPE_LATEST)  # names: avatar_stack_*
 
     frontend = Path(settings.frontend_dir) if settings.frontend_dir else FRONTEND_DIR
     if frontend.is_dir():

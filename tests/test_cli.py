@@ -141,6 +141,14 @@ def test_up_then_say_a_file_of_two_questions(redis_url: str, tmp_path):
         assert len(finals) >= 2 and len(replies) >= 2, kinds
         stopped = [e["reply_id"] for e in events if e["type"] == "avatar.stopped_talking"]
         assert replies[-1] in stopped  # it left after the last reply, not after the first
+
+        # examples/client.py, the script client of the README, against the same stack.
+        asked = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "client.py"), "What can you do?", "--url", base],
+            capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert asked.returncode == 0, asked.stderr
+        assert "you:    What can you do?" in asked.stdout and "avatar: " in asked.stdout, asked.stdout
     finally:
         up.send_signal(signal.SIGTERM)  # up stops the services it started
         try:

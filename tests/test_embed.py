@@ -209,9 +209,9 @@ def test_widget_on_another_origin_holds_a_conversation(keyed_stack: Stack, examp
 
         # The gateway timed the spoken turn: its VAD end of speech -> the reply's first audio sent.
         metrics = scrape(f"{keyed_stack.base_url}/metrics")
-        count = metrics.get("gateway_turn_speech_end_to_first_audio_seconds_count", 0)
+        count = metrics.get("avatar_stack_gateway_turn_speech_end_to_first_audio_seconds_count", 0)
         assert count >= 1, metrics
-        mean = metrics["gateway_turn_speech_end_to_first_audio_seconds_sum"] / count
+        mean = metrics["avatar_stack_gateway_turn_speech_end_to_first_audio_seconds_sum"] / count
         print(f"\n[widget] gateway: end of speech -> first audio, mean of {count:.0f}: {mean * 1000:.0f} ms")
         assert 0.1 < mean < 30, mean
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import yaml
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 
 from common.settings import Settings
 
@@ -29,7 +29,9 @@ def exported_series() -> set[str]:
     import stt_service.worker  # noqa: F401
 
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    from common.exposition import EXPOSED
+
+    for family in EXPOSED.collect():
         base = family.name
         if family.type == "counter":
             names |= {f"{base}_total", f"{base}_created"}
@@ -72,10 +74,19 @@ def test_prometheus_scrapes_every_service_on_its_metrics_port():
     assert compose["services"]["prometheus"]["profiles"] == ["monitoring"]
 
 
+def test_every_series_of_ours_has_the_prefix():
+    exported = exported_series()
+    ours = {n for n in exported if not n.startswith(("python_", "process_"))}
+    assert ours and all(n.startswith("avatar_stack_") for n in ours), sorted(ours)
+    assert "avatar_stack_gateway_audio_frames_total" in exported
+
+
 def test_build_info_is_exported():
     from common.build_info import package_version, set_build_info
 
     set_build_info("gateway")
-    text = generate_latest().decode()
+    from common.exposition import EXPOSED
+
+    text = generate_latest(EXPOSED).decode()
     version = re.escape(package_version())
     assert re.search(rf'avatar_stack_build_info\{{[^}}]*service="gateway"[^}}]*version="{version}"', text), text
