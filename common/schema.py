@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m common.schema", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the checked-in files are out of date")
     args = parser.parse_args(argv)
+    if not FRONTEND.is_dir():
+        print(f"{FRONTEND} not found: run from a checkout of the repository", file=sys.stderr)
+        return 2
     stale = []
     for path, text in render().items():
         if args.check:
