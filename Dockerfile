@@ -11,13 +11,12 @@ RUN npm ci --no-audit --no-fund --loglevel=error \
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md requirements-nodeps.txt ./
+COPY pyproject.toml README.md LICENSE requirements-nodeps.txt ./
 COPY common common
 COPY gateway gateway
 COPY stt_service stt_service
 COPY avatar_service avatar_service
 COPY avatar_stack avatar_stack
-COPY bench bench
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip && /opt/venv/bin/pip install . \
  && /opt/venv/bin/pip install --no-deps -r requirements-nodeps.txt
 

@@ -11,14 +11,19 @@ STAMP  := $(VENV)/.installed
 LIVEKIT_VERSION := v1.13.5
 LIVEKIT_BIN     := .cache/bin/livekit-server
 
-.PHONY: run test setup setup-system setup-livekit frontend lint audit clean
+.PHONY: run test setup setup-system setup-livekit frontend lint audit clean schema
 
 run: setup
 	$(BIN)/avatar-stack up
 
 test: setup-system setup setup-livekit
 	$(BIN)/ruff check .
+	$(BIN)/python -m common.schema --check
 	$(BIN)/pytest -ra
+
+# The protocol's JSON Schema and TypeScript types, from common/models.py (tests fail when they drift).
+schema: $(STAMP)
+	$(BIN)/python -m common.schema
 
 setup: $(STAMP) frontend/node_modules/livekit-client/dist/livekit-client.umd.js
 

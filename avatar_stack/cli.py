@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
+from avatar_stack import __version__
 from common.settings import get_settings
+
+SERVICES_AND_DOCTOR = ("up", "gateway", "stt-worker", "avatar-worker", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-stack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"avatar-stack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start Redis (if needed), the gateway and one worker of each kind")
     sub.add_parser("gateway", help="run the gateway (REST + browser WebSocket + page)")
@@ -19,8 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     say = sub.add_parser("say", help="stream a WAV file as a user would speak it; print the events")
     say.add_argument("wav", help="a 16-bit PCM WAV file (any rate, mono or stereo)")
     say.add_argument("--url", default=None, help="gateway URL (default: from GATEWAY_HOST/GATEWAY_PORT)")
-    say.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply")
+    say.add_argument("--timeout", type=float, default=60.0, help="seconds after the file for the last reply")
+    say.add_argument(
+        "--settle", type=float, default=3.0, help="quiet seconds after the file (and the last reply) before exiting"
+    )
     say.add_argument("--api-key", default=None, help="GATEWAY_API_KEY, if the gateway requires one")
+    sub.add_parser(
+        "doctor", help="show the resolved settings (secrets masked) and check Redis and each configured vendor"
+    )
     bench = sub.add_parser("bench", help="measure per-hop latency and capacity with fake vendors (see bench/)")
     bench.set_defaults(bench_parser=bench)
     return parser
@@ -33,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
 
+    if args.command in SERVICES_AND_DOCTOR and not os.environ.get("AVATAR_STACK_SETTINGS_CHECKED"):
+        from avatar_stack.config import warn_unknown_settings
+
+        warn_unknown_settings(sys.stderr)  # a misspelt setting would otherwise be silently ignored
     settings = get_settings()
+    if args.command == "doctor":
+        from avatar_stack.doctor import doctor
+
+        return doctor(settings)
     if args.command == "up":
         from avatar_stack.up import up
 
@@ -56,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::") else settings.gateway_host
         url = args.url or f"http://{host}:{settings.gateway_port}"
         key = args.api_key or (settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None)
-        return asyncio.run(say_file(args.wav, url, timeout_s=args.timeout, api_key=key))
+        return asyncio.run(say_file(args.wav, url, timeout_s=args.timeout, api_key=key, settle_s=args.settle))
     return 0
 
 

@@ -118,6 +118,43 @@ def wait_healthy(url: str, procs: Supervisor, timeout_s: float = 120) -> None:
     raise SystemExit("the gateway did not become healthy")
 
 
+POOL_NAMES = {"stt": "speech recognition", "avatar": "avatar"}
+
+
+def wait_ready(url: str, procs: Supervisor, stopping, progress_every_s: float = 3.0) -> bool:
+    """Until `/readyz` says every worker pool has room, i.e. a session started now would be served;
+    prints what it is still waiting for (the workers load their models first). False if stopped."""
+    start = time.monotonic()
+    last_note = ""
+    last_at = 0.0
+    while not stopping():
+        procs.watch_once()
+        note = "the gateway"
+        try:
+            resp = httpx.get(f"{url}/readyz", timeout=2)
+            body = resp.json()
+            if resp.status_code == 200 and body.get("ready"):
+                return True
+            pools = body.get("pools", {})
+            waiting = [
+                f"{POOL_NAMES.get(kind, kind)} worker ({'loading its models' if not p.get('workers') else 'full'})"
+                for kind, p in sorted(pools.items())
+                if not p.get("has_room")
+            ]
+            done = [POOL_NAMES.get(kind, kind) for kind, p in sorted(pools.items()) if p.get("has_room")]
+            note = ", ".join(waiting) or "Redis"
+            if done:
+                note += f"; ready: {', '.join(done)}"
+        except (httpx.HTTPError, ValueError):
+            pass
+        now = time.monotonic()
+        if note != last_note or now - last_at >= progress_every_s:
+            print(f"[up] starting… waiting for {note} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            last_note, last_at = note, now
+        time.sleep(0.25)
+    return False
+
+
 def up(settings: Settings) -> int:
     stopping = False
 
@@ -129,6 +166,7 @@ def up(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     env = dict(os.environ)
+    env["AVATAR_STACK_SETTINGS_CHECKED"] = "1"  # `up` warned about unknown settings: its children need not
     redis_proc = None
     if not redis_answers(settings.redis_url):
         binary = redis_binary()
@@ -159,7 +197,17 @@ def up(settings: Settings) -> int:
         host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "::") else settings.gateway_host
         url = f"http://{host}:{settings.gateway_port}"
         wait_healthy(url, supervisor)
-        print(f"\n  avatar-stack is running: open {url}\n  (Ctrl-C to stop)\n", flush=True)
+        # The URL only once a conversation started from the page would be served (not "all busy").
+        if wait_ready(url, supervisor, lambda: stopping):
+            if settings.gateway_api_key and not settings.gateway_demo_sessions:
+                print(
+                    f"\n  avatar-stack is running at {url} (API only: GATEWAY_API_KEY is set, so the page there\n"
+                    "  cannot create sessions; set GATEWAY_DEMO_SESSIONS=true for a demo, or create them from\n"
+                    "  your backend: examples/backend)\n  (Ctrl-C to stop)\n",
+                    flush=True,
+                )
+            else:
+                print(f"\n  avatar-stack is running: open {url}\n  (Ctrl-C to stop)\n", flush=True)
         while not stopping:
             supervisor.watch_once()
             time.sleep(0.5)

@@ -52,11 +52,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from websockets.asyncio.server import ServerConnection
 
+from avatar_stack.client import Browser, create_session
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from bench.stt_deepgram import PAUSE_S, WORDS, Closed, TimedFakeDeepgram, script, wait_ready
 from common import keys
-from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, Speech
 from tests.fakes.heygen import FakeHeyGen
 
@@ -275,7 +275,7 @@ class Stack:
 
 
 def dropped(metrics: dict[str, float]) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith("gateway_audio_frames_dropped_total{"))
+    return sum(v for k, v in metrics.items() if k.startswith("avatar_stack_gateway_audio_frames_dropped_total{"))
 
 
 def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float:
@@ -297,9 +297,9 @@ def histogram_quantile(before: dict[str, float], after: dict[str, float], name: 
 
 
 BREAKDOWN = {  # inside `frame→engine`, from the services' own histograms (bucket bounds, ms)
-    "gateway: frame → in Redis": "gateway_audio_publish_seconds",
-    "stt: in Redis → engine": "stt_audio_to_engine_seconds",
-    "gateway: event in Redis → page": "gateway_event_delivery_seconds",
+    "gateway: frame → in Redis": "avatar_stack_gateway_audio_publish_seconds",
+    "stt: in Redis → engine": "avatar_stack_stt_audio_to_engine_seconds",
+    "gateway: event in Redis → page": "avatar_stack_gateway_event_delivery_seconds",
 }
 
 

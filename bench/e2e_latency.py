@@ -16,9 +16,9 @@ import json
 import statistics
 import sys
 
+from avatar_stack.client import Browser, create_session
 from bench.local_stack import local_stack
 from bench.measure import pct, rss_mb
-from tests.client import Browser, create_session
 from tests.room import trim_trailing_silence
 from tests.speech import speech_pcm
 

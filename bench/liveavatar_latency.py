@@ -21,11 +21,11 @@ import time
 
 import redis.asyncio as aioredis
 
+from avatar_stack.client import Browser, create_session
 from avatar_stack.up import free_port, redis_answers, redis_binary
 from common.bus import Bus
 from common.models import UserTurn
 from common.settings import Settings
-from tests.client import Browser, create_session
 from tests.conftest import start_stack
 from tests.fakes.liveavatar import SANDBOX_AVATAR, FakeLiveAvatar
 from tests.fakes.llm import FakeLlm

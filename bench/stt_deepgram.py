@@ -41,10 +41,10 @@ import redis.asyncio as aioredis
 import uvloop
 from websockets.asyncio.server import ServerConnection
 
+from avatar_stack.client import Browser, create_session
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from common import keys
-from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, FakeDeepgram, Speech
 
 KEY = "bench-deepgram-key"

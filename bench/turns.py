@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from avatar_stack.client import create_session
 from bench.local_stack import local_stack
 from bench.measure import pct
 from common.pcm import SAMPLE_RATE
-from tests.client import create_session
 from tests.room import Room, noise, said, since, speech, trim_trailing_silence
 
 TRIGGER = "Tell me about the avatar providers."  # a long answer (~10 s) to talk over

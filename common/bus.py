@@ -16,7 +16,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from common import keys
+from common import keys, tracing
 from common.models import Turn, turn_adapter
 from common.pipelining import PipelinedXadd
 from common.settings import Settings
@@ -70,6 +70,9 @@ class Bus:
         fields: dict[str, bytes] = {"e": dump(event)}
         if pcm is not None:
             fields["pcm"] = pcm
+        tp = tracing.event_published(sid, event)  # the trace context of a turn's reply, if traced
+        if tp:
+            fields["tp"] = tp
         return await self.r.xadd(
             keys.events(sid), fields, maxlen=self.settings.events_stream_maxlen, approximate=True
         )
@@ -77,9 +80,11 @@ class Bus:
     # ---- turns:{sid} (to the avatar worker)
 
     async def publish_turn(self, sid: str, turn: BaseModel) -> bytes:
-        return await self.r.xadd(
-            keys.turns(sid), {"t": dump(turn)}, maxlen=self.settings.turns_stream_maxlen, approximate=True
-        )
+        fields = {"t": dump(turn)}
+        tp = tracing.turn_published(sid, turn)  # a user turn starts its trace here
+        if tp:
+            fields["tp"] = tp
+        return await self.r.xadd(keys.turns(sid), fields, maxlen=self.settings.turns_stream_maxlen, approximate=True)
 
     async def read_turns(
         self, sid: str, after: bytes | str, block_ms: int, count: int = 32
@@ -89,9 +94,13 @@ class Bus:
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 try:
-                    out.append((entry_id, turn_adapter.validate_json(fields[b"t"])))
+                    turn = turn_adapter.validate_json(fields[b"t"])
                 except Exception:  # a malformed entry must not stop the session
                     log.warning("skipping malformed turn %r in session %s", entry_id, sid)
+                    continue
+                out.append((entry_id, turn))
+                if b"tp" in fields and turn.type == "user.turn":
+                    tracing.turn_read(sid, turn.turn_id, fields[b"tp"])
         return out
 
     # ---- audio:{sid} (to the STT worker)

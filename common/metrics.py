@@ -17,6 +17,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from common.exposition import EXPOSED
+
 log = logging.getLogger(__name__)
 
 # Buckets for the pipeline's own hops: most are a few ms, the budget is 50 ms.
@@ -46,7 +48,7 @@ def serve_metrics(host: str, port: int) -> int:
     """Expose this process's metrics over HTTP; returns the port it listens on (0: not served)."""
     for candidate in (port, 0) if port else ():
         try:
-            server, _thread = start_http_server(candidate, addr=host)
+            server, _thread = start_http_server(candidate, addr=host, registry=EXPOSED)
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); using a free one", candidate, exc)
             continue

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 import uvloop
 
+from common.build_info import set_build_info
 from common.bus import connect, wait_for_redis
 from common.logs import setup_logging
 from common.settings import Settings
+from common.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,8 @@ Runner = Callable[[aioredis.Redis, asyncio.Event], Awaitable[None]]
 
 def run_service(name: str, settings: Settings, runner: Runner) -> None:
     setup_logging(name, settings.log_level)
+    set_build_info(name)
+    setup_tracing(name, settings)
     uvloop.run(_main(name, settings, runner))
 
 

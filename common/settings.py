@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     gateway_port: int = 8000
     gateway_api_key: SecretStr | None = None
     gateway_public_url: str = ""
+    # Demo mode: POST /demo/sessions creates sessions without GATEWAY_API_KEY (rate-limited per address),
+    # so the bundled page works on a keyed gateway. Anyone reaching the gateway can then start sessions.
+    gateway_demo_sessions: bool = False
     # Browser origins allowed besides the gateway's own (comma-separated, e.g. https://app.example.com);
     # empty = same origin only; `*` = any (only when set explicitly)
     allowed_origins: str = ""
@@ -138,6 +141,9 @@ class Settings(BaseSettings):
     max_text_chars: int = 2000
 
     log_level: str = "INFO"
+    # Tracing (common/tracing.py): spans per user turn across the services; off unless one is set.
+    otel_exporter_otlp_endpoint: str = ""  # OTLP over HTTP, e.g. http://otel-collector:4318
+    traces_file: str = ""  # spans as JSON lines appended to this file (tests, debugging)
     # Workers' Prometheus endpoints (the gateway serves /metrics on its own port). A taken port
     # falls back to a free one, advertised in `workers:{kind}`; 0 = no endpoint.
     metrics_host: str = "127.0.0.1"

@@ -13,6 +13,7 @@ import { Face } from "./face.js";
 import { LatencyPanel, LatencyTracker } from "./latency.js";
 import { LiveKitVoice } from "./livekit-voice.js";
 import { SpeechPlayer } from "./player.js";
+import { createSession as createSessionAt, deleteSession as deleteSessionAt } from "./sessions.js";
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -202,44 +203,9 @@ function sessionOptions() {
   return options;
 }
 
-async function createSession() {
-  let res;
-  try {
-    res = await fetch(new URL("v1/sessions", location.href), {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(sessionOptions()),
-    });
-  } catch {
-    throw Object.assign(new Error("The server cannot be reached. Check your connection and try again."), {
-      code: "connection_lost",
-    });
-  }
-  if (res.ok) return res.json();
-  const detail = await res
-    .json()
-    .then((b) => (typeof b.detail === "string" ? b.detail : ""))
-    .catch(() => "");
-  if (res.status === 503) {
-    const wait = Number(res.headers.get("Retry-After"));
-    const when = wait > 0 && wait <= 120 ? `in ${wait} seconds` : "in a minute";
-    throw Object.assign(new Error(`All avatars are busy right now. Please try again ${when}.`), {
-      code: "no_capacity",
-    });
-  }
-  if (res.status === 401 || res.status === 403) {
-    throw Object.assign(new Error(detail || "This server requires an API key to start a conversation."), {
-      code: "unauthorized",
-    });
-  }
-  if (res.status === 429) {
-    throw Object.assign(new Error("Too many conversations were started. Please wait a moment."), {
-      code: "rate_limited",
-    });
-  }
-  throw Object.assign(new Error(detail || `The conversation could not be started (HTTP ${res.status}).`), {
-    code: "session_failed",
-  });
+function createSession() {
+  // The page is served by the gateway: its API (or, on a keyed gateway, its demo mode) is here.
+  return createSessionAt({ gateway: new URL(".", location.href), options: sessionOptions() });
 }
 
 async function endSession() {
@@ -252,11 +218,7 @@ async function endSession() {
 }
 
 function deleteSession(session, keepalive = false) {
-  return fetch(new URL(`v1/sessions/${encodeURIComponent(session.session_id)}`, location.href), {
-    method: "DELETE",
-    headers: { Authorization: `Bearer ${session.token}` },
-    keepalive,
-  }).catch(() => {});
+  return deleteSessionAt(new URL(".", location.href), session, keepalive);
 }
 
 /** Release everything the session held; `state` is "ended" or "error". */
@@ -323,12 +285,15 @@ function handleEvent(event) {
     case "transcript.interim":
       upsertUtterance(event.utterance_id, event.text, false);
       break;
-    case "transcript.final":
+    case "transcript.final": {
       app.lastFinalAt = performance.now();
-      breakdown.final(event, app.lastFinalAt, app.lastVoiceAt);
+      // End of speech: where the server's VAD ended it, on this page's clock (else the last loud frame).
+      const vadEnd = app.socket?.captureTimeOf(event.end_s) ?? null;
+      breakdown.final(event, app.lastFinalAt, vadEnd ?? app.lastVoiceAt, vadEnd != null ? "vad" : "level");
       upsertUtterance(event.utterance_id, event.text, true);
       setThinking(event.utterance_id);
       break;
+    }
     case "transcript.ignored": {
       // The avatar's own voice heard back (echo) or a "mhm" said over it: not a turn.
       const li = findItem("data-utterance-id", event.utterance_id);

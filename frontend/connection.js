@@ -7,6 +7,8 @@ const BACKOFF_MS = [200, 500, 1000, 2000, 3000];
 const PING_EVERY_MS = 15000;
 const MAX_BUFFERED_BYTES = 256 * 1024; // above this, drop audio rather than queue it (stale speech)
 const BACKLOG_FRAMES = 100; // while (re)connecting, keep the last 2 s of speech to send on open
+const SENT_HISTORY = 3000; // capture times of the last 60 s of frames sent (for captureTimeOf)
+const BYTES_PER_S = 16000 * 2; // PCM16 mono 16 kHz: the server's session audio time
 
 // Close codes after which reconnecting cannot help. Every other code reconnects with
 // `last_event` within the grace period: 1006 (network), 1011 (the server's bus failed), 4408 (this
@@ -51,7 +53,30 @@ export class SessionSocket {
     this.reconnects = 0;
     this.framesSent = 0;
     this.framesDropped = 0;
-    this.backlog = []; // audio frames captured while not connected, oldest first
+    this.backlog = []; // [pcm, capturedAt] captured while not connected, oldest first
+    this.bytesSent = 0; // audio bytes sent so far in this session: the server's session time × 32000
+    this.sent = []; // [end byte offset, capture time] of the frames sent, oldest first
+  }
+
+  /**
+   * The page time (performance.now()) at which the audio at session time `seconds` was captured:
+   * the server counts a session's audio in seconds of what this page sent, so the frame holding
+   * that byte maps the server's VAD times (transcript.final end_s) onto this page's clock.
+   * null when that audio was not sent by this page or is too old.
+   */
+  captureTimeOf(seconds) {
+    if (typeof seconds !== "number" || !Number.isFinite(seconds) || !this.sent.length) return null;
+    const at = seconds * BYTES_PER_S;
+    let lo = 0;
+    let hi = this.sent.length - 1;
+    if (at > this.sent[hi][0] || at < (this.sent[0][0] - 640)) return null;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (this.sent[mid][0] < at) lo = mid + 1;
+      else hi = mid;
+    }
+    const [end, capturedAt] = this.sent[lo];
+    return capturedAt - ((end - at) / BYTES_PER_S) * 1000; // a frame's capture time is its end
   }
 
   get isOpen() {
@@ -76,7 +101,7 @@ export class SessionSocket {
       this.pingTimer = setInterval(() => this.send({ type: "ping" }), PING_EVERY_MS);
       const backlog = this.backlog;
       this.backlog = [];
-      for (const pcm of backlog) this.sendAudio(pcm);
+      for (const [pcm, capturedAt] of backlog) this.sendAudio(pcm, capturedAt);
       this.onStatus("open", { resumed: Boolean(this.lastEventId) });
     };
     ws.onmessage = (m) => {
@@ -154,13 +179,14 @@ export class SessionSocket {
   }
 
   /**
-   * Send one PCM16 frame. While (re)connecting the last 2 s are kept and sent on open, so the
-   * first words are not lost; a backed-up socket drops frames rather than queue stale speech.
+   * Send one PCM16 frame (`capturedAt`: when the microphone delivered it, page clock). While
+   * (re)connecting the last 2 s are kept and sent on open, so the first words are not lost; a
+   * backed-up socket drops frames rather than queue stale speech.
    */
-  sendAudio(pcm) {
+  sendAudio(pcm, capturedAt = performance.now()) {
     if (!this.isOpen) {
       if (this.closing) return false;
-      this.backlog.push(pcm);
+      this.backlog.push([pcm, capturedAt]);
       if (this.backlog.length > BACKLOG_FRAMES) {
         this.backlog.shift();
         this.framesDropped++;
@@ -173,6 +199,9 @@ export class SessionSocket {
     }
     this.ws.send(pcm);
     this.framesSent++;
+    this.bytesSent += pcm.byteLength;
+    this.sent.push([this.bytesSent, capturedAt]);
+    if (this.sent.length > SENT_HISTORY) this.sent.splice(0, this.sent.length - SENT_HISTORY);
     return true;
   }
 

@@ -1,5 +1,36 @@
 // The local avatar's face: an SVG whose mouth follows the speech being played and whose eyes
 // blink now and then. Pure presentation; the caller feeds it mouth openness every frame.
+// The drawing (FACE_SVG) and its colours (face.css) are shared by the page and the widget.
+
+/** The inside of the face's <svg viewBox="0 0 200 200">; styled by face.css. */
+export const FACE_SVG = `
+  <defs>
+  <radialGradient id="face-bg" cx="50%" cy="38%" r="70%">
+  <stop offset="0%" class="bg-stop-a" />
+  <stop offset="100%" class="bg-stop-b" />
+  </radialGradient>
+  <linearGradient id="face-skin" x1="0" y1="0" x2="0" y2="1">
+  <stop offset="0%" class="skin-stop-a" />
+  <stop offset="100%" class="skin-stop-b" />
+  </linearGradient>
+  </defs>
+  <rect width="200" height="200" fill="url(#face-bg)" />
+  <path class="hair-back" d="M38 104c0-46 28-72 62-72s62 26 62 72v34c-8-6-12-20-12-30H50c0 10-4 24-12 30z" />
+  <rect class="neck" x="84" y="160" width="32" height="30" rx="12" />
+  <path class="shoulders" d="M40 200c4-24 28-34 60-34s56 10 60 34z" />
+  <ellipse class="ear" cx="41" cy="110" rx="8" ry="13" />
+  <ellipse class="ear" cx="159" cy="110" rx="8" ry="13" />
+  <ellipse class="head" cx="100" cy="108" rx="59" ry="66" fill="url(#face-skin)" />
+  <path class="hair" d="M41 90c2-34 26-54 59-54 34 0 57 20 59 54-12-4-24-14-32-28-18 14-48 24-86 28z" />
+  <path class="brow" d="M68 87q11-6 22 0" />
+  <path class="brow" d="M110 87q11-6 22 0" />
+  <g class="eye" data-part="eye"><ellipse cx="79" cy="103" rx="6.5" ry="8" /><circle class="glint" cx="81" cy="100" r="1.8" /></g>
+  <g class="eye" data-part="eye"><ellipse cx="121" cy="103" rx="6.5" ry="8" /><circle class="glint" cx="123" cy="100" r="1.8" /></g>
+  <path class="nose" d="M100 110q-5 14 0 16" />
+  <ellipse class="cheek" cx="68" cy="127" rx="10" ry="6" />
+  <ellipse class="cheek" cx="132" cy="127" rx="10" ry="6" />
+  <path class="mouth" data-part="mouth" d="M83 141 Q 100 142 117 141 Q 100 145 83 141 Z" />
+`;
 
 const MOUTH_X = 100;
 const MOUTH_Y = 141;
@@ -9,6 +40,7 @@ export class Face {
   /** @param {SVGSVGElement} svg */
   constructor(svg) {
     this.svg = svg;
+    if (!svg.querySelector("[data-part=mouth]")) svg.innerHTML = FACE_SVG;
     this.mouth = svg.querySelector("[data-part=mouth]");
     this.eyes = [...svg.querySelectorAll("[data-part=eye]")];
     this.open = 0;

@@ -4,7 +4,10 @@
 //
 // Two clocks, never mixed:
 // - page hops are differences of performance.now() readings taken in this page (end of speech =
-//   the last microphone frame with voice in it; the rest = when each event reached the page);
+//   where the server's VAD ended the utterance, `transcript.final.end_s` in seconds of the audio
+//   this page sent, mapped to the capture time of that frame (SessionSocket.captureTimeOf); the
+//   last microphone frame with voice in it only when that audio is unknown; the rest = when each
+//   event reached the page);
 // - server hops are differences of the events' `ts` (unix ms stamped by the STT and avatar
 //   workers when they built the event).
 // A page time minus a server `ts` would mix the browser's clock with the server's (unknown skew,
@@ -51,12 +54,15 @@ export class LatencyTracker {
     this.history = []; // records whose first audio arrived, oldest first
   }
 
-  /** A voice `transcript.final` reached the page at `at`; `speechEnd`: the last voiced mic frame. */
-  final(event, at, speechEnd) {
+  /**
+   * A voice `transcript.final` reached the page at `at`; `speechEnd`: the end of speech on the page
+   * clock, `endFrom`: "vad" (the server's VAD end, mapped through the frames sent) or "level".
+   */
+  final(event, at, speechEnd, endFrom = "level") {
     if (!event.utterance_id || !(event.text || "").trim() || this.finals.has(event.utterance_id)) return;
     // Voice heard before the previous final belongs to that utterance, not to this one.
     const prev = this.lastFinal?.at ?? 0;
-    const entry = { at, ts: num(event.ts), speechEnd: speechEnd > prev ? speechEnd : null, claimed: false };
+    const entry = { at, ts: num(event.ts), speechEnd: speechEnd > prev ? speechEnd : null, endFrom, claimed: false };
     this.finals.set(event.utterance_id, entry);
     this.lastFinal = entry;
     trim(this.finals);
@@ -122,6 +128,7 @@ export class LatencyTracker {
       reply_id: replyId,
       source: null,
       avatar: null,
+      speechEnd: null,
       page: { start: null, final: null, reply: null, audio: null, heard: null },
       server: { final: null, reply: null, audio: null },
     };
@@ -131,6 +138,7 @@ export class LatencyTracker {
     if (final && !final.claimed) {
       final.claimed = true;
       r.source = "voice";
+      r.speechEnd = final.speechEnd != null ? final.endFrom : null;
       r.page.start = final.speechEnd;
       r.page.final = final.at;
       r.server.final = final.ts;
@@ -158,6 +166,7 @@ function hops(r) {
     reply_id: r.reply_id,
     source: r.source,
     avatar: r.avatar,
+    speech_end: r.speechEnd, // "vad" | "level" | null: where the end of speech came from
     speech_to_final: r.source === "voice" ? diff(p.start, p.final) : null,
     final_to_reply: diff(from, p.reply),
     reply_to_audio: diff(p.reply, p.audio),

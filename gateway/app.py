@@ -13,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from common.build_info import package_version, set_build_info
 from common.bus import Bus, connect
+from common.exposition import EXPOSED
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
@@ -55,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await r.aclose()
 
-    app = FastAPI(title="avatar-stack gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="avatar-stack gateway", version=package_version(), lifespan=lifespan)
+    set_build_info("gateway")
     origins = OriginPolicy.from_settings(settings)
     app.state.origins = origins  # also checked by the browser WebSocket
     app.state.session_buckets = TokenBuckets(settings.session_create_rate_per_min, settings.session_create_burst)
@@ -71,6 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False)
     app.include_router(sessions_api.router)
     app.include_router(browser_ws.router)
+    if settings.gateway_demo_sessions:
+        app.include_router(sessions_api.demo_router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:
@@ -93,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(EXPOSED), media_type=CONTENT_TYPE_LATEST)  # names: avatar_stack_*
 
     frontend = Path(settings.frontend_dir) if settings.frontend_dir else FRONTEND_DIR
     if frontend.is_dir():

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from common import keys
+from common import keys, tracing
 from common.bus import Bus, dump
 from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
@@ -41,6 +41,7 @@ from common.models import (
 )
 from common.sessions import SessionStore, new_session_id
 from common.tasks import cancel_and_wait
+from gateway.turn_timing import TurnTimer
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -115,8 +116,10 @@ class BrowserConnection:
         self._audio_budget_s = 5.0
         self._audio_budget_at = time.monotonic()
         self._flood_reported = False
+        self.turn_timer = TurnTimer()  # end of speech -> first audio, per turn (gateway/turn_timing.py)
 
     async def serve(self, last_event: str) -> None:
+        self.turn_timer.enabled = last_event == "0"  # a resumed socket cannot map session audio time
         await self.store.touch_connection(self.sid, self.conn_id)
         await self.store.set_fields(self.sid, **{keys.F_LAST_SEEN: f"{time.time():.3f}"})
         SOCKETS.inc()
@@ -194,6 +197,7 @@ class BrowserConnection:
         self._frames_published += 1
         await self.bus.publish_audio(self.sid, pcm, self._seq_prefix + str(self._frames_published).encode())
         AUDIO_PUBLISH.observe(time.perf_counter() - started)
+        self.turn_timer.audio(len(pcm), time.monotonic())
         return True
 
     def _spend_audio_budget(self, seconds: float) -> bool:
@@ -274,6 +278,9 @@ class BrowserConnection:
                 await self._send(_with_id(event, after), fields.get(b"pcm"))
                 if live:
                     EVENT_DELIVERY.observe(entry_age_s(after))
+                    self.turn_timer.event(event, time.monotonic())
+                    if b"tp" in fields:  # a traced turn's event (common/tracing.py)
+                        tracing.delivered(fields[b"tp"], orjson.loads(event).get("type", ""), int(after.split("-")[0]))
                 if b'"type":"session.ended"' in event:
                     await self._close(1000, "session ended")
                     return

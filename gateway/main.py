@@ -6,12 +6,14 @@ import uvicorn
 
 from common.logs import setup_logging
 from common.settings import Settings, get_settings
+from common.tracing import setup_tracing
 from gateway.app import create_app
 
 
 def run(settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     setup_logging("gateway", settings.log_level)
+    setup_tracing("gateway", settings)
     uvicorn.run(
         create_app(settings),
         host=settings.gateway_host,

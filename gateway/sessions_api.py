@@ -116,6 +116,10 @@ async def create_session(
         # address; everyone else is limited, which also slows guessing the key.
         _limit_creation_rate(request)
     _require_api_key(request, credential)
+    return await _create(request, config)
+
+
+async def _create(request: Request, config: SessionConfig | None) -> SessionCreated:
     settings = request.app.state.settings
     if settings.admission_control:
         for pool in await all_pools(request.app.state.redis, settings.worker_stale_s):
@@ -134,6 +138,25 @@ async def create_session(
     await JobStream.submit(r, keys.JOBS_AVATAR, sid)
     SESSIONS_CREATED.inc()
     return SessionCreated(session_id=sid, token=token, ws_url=_ws_url(request, sid))
+
+
+# Demo mode (GATEWAY_DEMO_SESSIONS=true): the gateway acts as the "customer backend" of its own
+# bundled page, so the page works while GATEWAY_API_KEY guards /v1/sessions. Anyone who can reach
+# the gateway can then create sessions (rate-limited per address, origin-checked like every POST):
+# a demo, never production. Mounted only when the setting is on.
+demo_router = APIRouter(prefix="/demo", tags=["demo"])
+
+
+@demo_router.post(
+    "/sessions",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SessionCreated,
+    responses=_refusals(400, 403, 429, 503),
+)
+async def create_demo_session(request: Request, config: SessionConfig | None = Body(default=None)) -> SessionCreated:
+    """A session for the bundled page, without the API key: what a customer's backend does."""
+    _limit_creation_rate(request)
+    return await _create(request, config)
 
 
 @router.get("", response_model=list[SessionInfo], responses=_refusals(401))

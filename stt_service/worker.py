@@ -18,7 +18,7 @@ from collections import deque
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 
-from common import keys
+from common import keys, tracing
 from common.bus import Bus
 from common.jobs import Job
 from common.metrics import HOP_BUCKETS, entry_age_s
@@ -237,6 +237,8 @@ class _SttSession:
     async def _publish_final(self, segments: list[SttResult]) -> None:
         bus = self.w.bus
         first, text = segments[0], " ".join(r.text for r in segments)
+        if tracing.enabled():  # where the VAD ended the speech starts the turn's trace (common/tracing.py)
+            tracing.end_of_speech(self.sid, first.utterance_id, self.tail.received_at_ms(segments[-1].end_s))
         await bus.publish_event(
             self.sid,
             TranscriptFinal(

@@ -124,6 +124,7 @@ def test_latency_panel_breaks_down_a_spoken_reply(stack):
         last = stats["last"]
         print(f"\n[browser] latency breakdown of the spoken reply (ms): {last}")
         assert last["source"] == "voice" and last["avatar"] == "local", last
+        assert last["speech_end"] == "vad", last  # the server VAD's end, mapped through the frames sent
         assert page.locator(f'#transcript li.avatar[data-reply-id="{last["reply_id"]}"]').count() == 1
 
         # Complete and consistent: page hops on the page clock, server hops on the server clock.

@@ -442,7 +442,7 @@ def rss_mb(pid: int) -> float:
 async def slow_client_closes(base_url: str) -> float:
     async with httpx.AsyncClient(base_url=base_url) as http:
         text = (await http.get("/metrics")).text
-    found = re.search(r"^gateway_slow_client_closes_total (\S+)$", text, re.MULTILINE)
+    found = re.search(r"^avatar_stack_gateway_slow_client_closes_total (\S+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 
@@ -596,7 +596,7 @@ async def test_stalled_browser_is_closed_with_4408_and_holds_no_memory(clean_red
 
 
 def frames_trimmed(stt_metrics_url: str) -> int:
-    return int(scrape(stt_metrics_url).get("stt_audio_frames_trimmed_total", 0))
+    return int(scrape(stt_metrics_url).get("avatar_stack_stt_audio_frames_trimmed_total", 0))
 
 
 async def test_a_stalled_speech_engine_holds_bounded_audio_and_counts_what_it_trims(redis_url: str) -> None:

@@ -212,7 +212,7 @@ async def test_the_page_and_health_are_served(gateway: Stack):
         health = await http.get("/healthz")
         assert health.json() == {"status": "ok", "redis": True}
         metrics = await http.get("/metrics")
-        assert "gateway_audio_frames_total" in metrics.text
+        assert "avatar_stack_gateway_audio_frames_total" in metrics.text
         page = await http.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
         # The page's one npm asset is served locally; the rest of the setup tree is not.

@@ -172,15 +172,15 @@ async def test_every_service_exposes_metrics_of_what_it_did(stack: Stack):
     def grew(service: str, series: str) -> float:
         return after[service].get(series, 0.0) - before[service].get(series, 0.0)
 
-    frames = grew("gateway", "gateway_audio_frames_total")
+    frames = grew("gateway", "avatar_stack_gateway_audio_frames_total")
     assert frames > 50  # ~1 s of speech and silence at 20 ms a frame
-    assert grew("gateway", "gateway_audio_publish_seconds_count") == frames
-    assert grew("gateway", "gateway_event_delivery_seconds_count") >= 3  # ready, final, reply, audio, ...
-    assert grew("gateway", "redis_pipelined_commands_total") == frames
-    assert grew("stt", "stt_audio_frames_total") == frames  # every frame reached the engine
-    assert grew("stt", "stt_audio_to_engine_seconds_count") >= 1
-    assert grew("stt", 'stt_results_total{kind="final"}') == 1
-    assert grew("stt", 'worker_sessions_claimed_total{how="new",kind="stt"}') == 1
-    assert grew("avatar", 'avatar_turns_answered_total{source="voice"}') == 1
-    assert grew("avatar", "avatar_turn_to_answer_seconds_count") == 1
-    assert after["avatar"]['worker_sessions_active{kind="avatar"}'] >= 1
+    assert grew("gateway", "avatar_stack_gateway_audio_publish_seconds_count") == frames
+    assert grew("gateway", "avatar_stack_gateway_event_delivery_seconds_count") >= 3  # ready, final, reply, audio, ...
+    assert grew("gateway", "avatar_stack_redis_pipelined_commands_total") == frames
+    assert grew("stt", "avatar_stack_stt_audio_frames_total") == frames  # every frame reached the engine
+    assert grew("stt", "avatar_stack_stt_audio_to_engine_seconds_count") >= 1
+    assert grew("stt", 'avatar_stack_stt_results_total{kind="final"}') == 1
+    assert grew("stt", 'avatar_stack_worker_sessions_claimed_total{how="new",kind="stt"}') == 1
+    assert grew("avatar", 'avatar_stack_avatar_turns_answered_total{source="voice"}') == 1
+    assert grew("avatar", "avatar_stack_avatar_turn_to_answer_seconds_count") == 1
+    assert after["avatar"]['avatar_stack_worker_sessions_active{kind="avatar"}'] >= 1

@@ -292,7 +292,7 @@ async def test_session_creation_is_rate_limited_per_client(redis_url: str):
                 assert time.monotonic() < deadline, "the limit never let the client in again"
                 await asyncio.sleep(0.25)
             metrics = (await http.get("/metrics")).text.splitlines()
-            [refused] = [m for m in metrics if m.startswith("gateway_sessions_rate_limited_total ")]
+            [refused] = [m for m in metrics if m.startswith("avatar_stack_gateway_sessions_rate_limited_total ")]
             assert float(refused.split()[1]) >= 1
     finally:
         stack.stop_all()
