@@ -168,6 +168,20 @@ class EchoGuard:
         return rest
 
 
+    def after_echo(self, text: str, started_at_ms: int = 0) -> str:
+        """The words after the last one that the avatar was saying: the user who talks over its
+        echo comes last in the utterance, and a recognizer often writes it all as one clause
+        ("Avatar stack is a self-hostable fight for how do I scale it")."""
+        tokens = text.split()
+        reference = self.reference(started_at_ms, len(words_of(text)))
+        last = -1
+        for i, token in enumerate(tokens):
+            words = [w for w in words_of(token) if w not in FUNCTION_WORDS]
+            if any(similar(w, said) for w in words for said in reference):
+                last = i
+        return " ".join(tokens[last + 1:])
+
+
 def similar(a: str, b: str) -> bool:
     """The same word, misheard a little: equal, sharing a 4-letter start, or (long words) mostly
     the same letters."""
@@ -280,6 +294,11 @@ class TurnPolicy:
         if by_level == "echo":
             return ""
         rest = self.echo.residual(text, started_at)
-        if by_level == "user" and interim:
-            return rest or text  # the user is speaking over it: what was heard is theirs, misheard or not
-        return rest  # a final that is all the avatar's words is not answered, however loud
+        if by_level != "user" or words_of(rest):
+            return rest
+        if interim:
+            return text  # the user is speaking over it: what was heard is theirs, misheard or not
+        # A loud final the words call echo: the user's part is what follows the avatar's words. A
+        # final made only of the avatar's words is not answered, however loud.
+        tail = self.echo.after_echo(text, started_at)
+        return tail if content_words(words_of(tail)) and set(words_of(tail)) - FUNCTION_WORDS else ""

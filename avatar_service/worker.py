@@ -187,7 +187,10 @@ class _Conversation:
         if verdict == "words":
             return True
         if verdict in ("echo", "backchannel"):
-            log.info("not a turn (%s): %s", verdict, turn.turn_id, extra={"sid": self.sid})
+            loud = self.policy.loudness
+            log.info("not a turn (%s): %s (levels %s; user %s, echo %s dBFS)", verdict, turn.turn_id,
+                     [s.level_db for s in pieces], loud.user and round(loud.user, 1),
+                     loud.echo and round(loud.echo, 1), extra={"sid": self.sid})
             await self.w.bus.publish_event(self.sid, TranscriptIgnored(utterance_id=turn.turn_id, reason=verdict))
         await self._resume()
         return False

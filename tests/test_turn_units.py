@@ -177,6 +177,10 @@ def test_loudness_tells_the_user_from_the_echo_once_both_are_known():
     over = {"avatar_talking": True, "started_at": now, "interim": True, "level_db": -18.5}
     assert policy.judge("a short lease on the sessions", **over) == "words"
     assert policy.judge("a short lease on the sessions", **{**over, "interim": False}) == "echo"  # not answered
+    # ... and a loud final keeps what follows the avatar's words, even written as one clause
+    final = {**over, "interim": False}
+    assert policy.hear("Each worker holds a short lease fight for how do I scale it", **final) == (
+        "words", "fight for how do I scale it")
     assert policy.judge("Wait, how do I scale it?", **over) == "words"  # the user's own words: at once
     # levels too close together say nothing: the words decide
     close = TurnPolicy(settings(), "en")
