@@ -11,8 +11,10 @@ import logging
 import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,12 +26,36 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redis:
-    """A Redis client that retries with backoff, so a Redis restart is survived, not fatal."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
+# What "Redis failed" means to the services: a cluster client also raises RedisClusterException
+# (not a RedisError) while it cannot map a slot to a node, e.g. during a failover.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(redis_url: str, redis_cluster_url: str = "") -> str | None:
+    """The plain `redis://` URL of a cluster node to start from, or None for a single Redis:
+    REDIS_CLUSTER_URL when set (either scheme), else REDIS_URL when its scheme is `redis+cluster://`
+    or `rediss+cluster://`."""
+    if redis_cluster_url:
+        return _plain(redis_cluster_url)
+    return _plain(redis_url) if redis_url.partition("://")[0] in CLUSTER_SCHEMES else None
+
+
+def _plain(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{CLUSTER_SCHEMES.get(scheme, scheme)}{sep}{rest}"
+
+
+def connect_url(
+    redis_url: str, redis_cluster_url: str = "", *, max_connections: int = 2000
+) -> aioredis.Redis:
+    """A client that retries with backoff, so a Redis restart or a cluster failover is survived,
+    not fatal: a `redis.asyncio.Redis` for one node, redis-py's `RedisCluster` for a cluster. Both
+    speak the same commands; every command the services send names keys of one slot."""
+    options = dict(
         decode_responses=False,
-        max_connections=max_connections,
+        max_connections=max_connections,  # per node on a cluster
         health_check_interval=15,
         # Longer than any BLOCK we use (≤ 5 s), so only a read that hangs on a dead socket times out
         # (and is retried) instead of waiting forever.
@@ -38,6 +64,20 @@ def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redi
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    node = cluster_url(redis_url, redis_cluster_url)
+    if node is not None:
+        # A replica promoted after its master died (cluster-node-timeout, a few seconds) is found by
+        # the client's own retry: on a connection error it re-reads the slot map and tries again.
+        return RedisCluster.from_url(node, **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(redis_url, **options)
+
+
+def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redis:
+    return connect_url(settings.redis_url, settings.redis_cluster_url, max_connections=max_connections)
+
+
+def is_cluster(r: object) -> bool:
+    return isinstance(r, RedisCluster)
 
 
 async def wait_for_redis(r: aioredis.Redis, timeout_s: float = 30.0) -> None:
@@ -46,7 +86,7 @@ async def wait_for_redis(r: aioredis.Redis, timeout_s: float = 30.0) -> None:
         try:
             await r.ping()
             return
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException, OSError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)

@@ -17,7 +17,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # `redis+cluster://host:port` = a Redis Cluster node
+    # A node of a Redis Cluster (`redis://host:port`); set, it wins over REDIS_URL and the services
+    # use redis-py's cluster client (every command they send is single-slot)
+    redis_cluster_url: str = ""
 
     # Providers
     stt_provider: Literal["auto", "local", "deepgram"] = "auto"

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from common import keys
+from common.bus import REDIS_ERRORS
 from common.jobs import Job, JobStream
 from common.metrics import SESSIONS_ACTIVE, SESSIONS_CLAIMED, SESSIONS_FAILED, SESSIONS_HANDED_BACK, SESSIONS_LOST
 from common.models import ErrorEvent
@@ -84,7 +84,7 @@ class ClaimLoop:
                     continue
                 try:
                     jobs = await self.jobs.claim(room, block_ms=1000)
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("claiming failed (%s); retrying", exc)
                     await asyncio.sleep(1.0)
                     continue
@@ -113,7 +113,7 @@ class ClaimLoop:
             await self.serve(job)
         except asyncio.CancelledError:
             pass
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Redis went away under the session: it is not over. Give it back, so it resumes from
             # its cursors (here or on another worker) once Redis answers again.
             log.warning("%s session %s lost Redis (%s); handing it back", self.kind, job.session_id, exc)
@@ -127,7 +127,7 @@ class ClaimLoop:
                     ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
                 )
                 await self.store.end(job.session_id, f"{self.kind}_failed")
-            except (RedisError, OSError):
+            except REDIS_ERRORS:
                 log.exception("could not end failed session %s", job.session_id)
                 hand_back = True
         finally:
@@ -155,7 +155,7 @@ class ClaimLoop:
             try:
                 await self.advertise()
                 lost = await self.jobs.heartbeat(jobs)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 lost = set()
             for entry_id in lost & self.active.keys():
@@ -169,7 +169,7 @@ class ClaimLoop:
     async def _shutdown(self) -> None:
         """Hand every live session back so another worker resumes it without waiting a lease."""
         self._handing_back = True
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.jobs.r.hdel(keys.workers(self.kind), self.consumer)
         tasks = [task for _, task in self.active.values()]
         if tasks:
@@ -207,5 +207,5 @@ async def _wait_any(a: asyncio.Event, b: asyncio.Event, wait_s: float) -> None:
 async def _quietly(coro: Awaitable[object]) -> None:
     try:
         await coro
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("job bookkeeping failed: %s", exc)

@@ -10,10 +10,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from common.bus import Bus, connect
+from common.bus import REDIS_ERRORS, Bus, connect
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
@@ -76,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> JSONResponse:
         try:
             await app.state.redis.ping()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return JSONResponse({"status": "degraded", "redis": False}, status_code=503)
         return JSONResponse({"status": "ok", "redis": True})
 
@@ -85,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Ready when Redis answers and every worker pool has room for another session."""
         try:
             pools = await all_pools(app.state.redis, settings.worker_stale_s)
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return JSONResponse({"ready": False, "redis": False}, status_code=503)
         ready = all(p.room > 0 for p in pools)
         body = {"ready": ready, "redis": True, "pools": {p.kind: p.as_dict() for p in pools}}
