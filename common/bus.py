@@ -47,6 +47,49 @@ def _plain(url: str) -> str:
     return f"{CLUSTER_SCHEMES.get(scheme, scheme)}{sep}{rest}"
 
 
+FAILOVER_S = 15.0  # how long a command waits for a cluster to heal (a replica promoted) before it fails
+
+
+class _RedisCluster(RedisCluster):
+    """redis-py's cluster client, patient across a failover.
+
+    On a connection error it re-reads the slot map and retries at once, a few times: over in
+    milliseconds, while a replica takes `cluster-node-timeout` (and an election) to replace a dead
+    master. And on CLUSTERDOWN it closes every connection of the client, to every node, which
+    breaks commands in flight to healthy nodes too. So here a command that failed that way is tried
+    again with backoff for up to FAILOVER_S: commands of sessions on the healthy masters go on, and
+    those of the dead master's sessions wait for its replica instead of failing."""
+
+    RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
+
+    async def _determine_slot(self, command: str, *args):
+        # XREAD / XREADGROUP have "movable keys": redis-py would ask the server (COMMAND GETKEYS, a
+        # round trip per read) where they are. They follow STREAMS: read them here.
+        if command.upper() in ("XREAD", "XREADGROUP"):
+            words = [a.upper() if isinstance(a, str) else a for a in args]
+            for marker in ("STREAMS", b"STREAMS"):
+                if marker in words:
+                    at = words.index(marker) + 1
+                    streams = args[at : at + (len(args) - at) // 2]
+                    slots = {self.keyslot(k) for k in streams}
+                    if len(slots) == 1:
+                        return slots.pop()
+                    break
+        return await super()._determine_slot(command, *args)
+
+    async def execute_command(self, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + FAILOVER_S, 0.05
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except self.RETRYABLE:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+
 def connect_url(
     redis_url: str, redis_cluster_url: str = "", *, max_connections: int = 2000
 ) -> aioredis.Redis:
@@ -68,7 +111,7 @@ def connect_url(
     if node is not None:
         # A replica promoted after its master died (cluster-node-timeout, a few seconds) is found by
         # the client's own retry: on a connection error it re-reads the slot map and tries again.
-        return RedisCluster.from_url(node, **options)  # type: ignore[return-value]
+        return _RedisCluster.from_url(node, **options)  # type: ignore[return-value]
     return aioredis.Redis.from_url(redis_url, **options)
 
 

@@ -95,6 +95,10 @@ class ClaimLoop:
             await self._shutdown()
 
     async def _start(self, job: Job) -> None:
+        if job.entry_id in self.active:
+            # Ours already: Redis was away longer than the lease (a restart, a cluster failover)
+            # and XAUTOCLAIM gave us back our own entry. Serving it twice would answer twice.
+            return
         if await self.store.is_ended(job.session_id):
             await self.jobs.done(job)
             return

@@ -69,7 +69,9 @@ class _NodeReader:
 
     async def _acquire(self) -> aioredis.Connection:
         if isinstance(self.node, ClusterNode):
-            return self.node.acquire_connection()
+            # A connection of our own, outside the node's pool: the cluster client closes every
+            # pooled connection when it sees CLUSTERDOWN, which would cut this node's reads too.
+            return self.node.connection_class(**self.node.connection_kwargs)
         return await self.node.get_connection()  # type: ignore[attr-defined]
 
     async def release(self) -> None:
@@ -77,7 +79,7 @@ class _NodeReader:
         if conn is None:
             return
         if isinstance(self.node, ClusterNode):
-            self.node.release(conn)
+            await conn.disconnect()
         else:
             await self.node.release(conn)  # type: ignore[attr-defined]
 

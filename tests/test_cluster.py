@@ -1,9 +1,10 @@
 """The same tests on a real Redis Cluster: 3 masters + 3 replicas on loopback (`redis_cluster`).
 
-The pipeline, takeover, hand-back, reaper and admission tests below are the single-node tests
-themselves, imported: in this module `redis_url` is the cluster's `redis+cluster://` URL, so the
-stack, the job streams and the stores all run on redis-py's cluster client. Then what only a
-cluster has: the audio feed reading per node, and a master killed with `kill -9` mid-session.
+The pipeline, takeover, hand-back and reaper tests below are the single-node tests themselves,
+imported: in this module `redis_url` is the cluster's `redis+cluster://` URL, so the stack, the
+job streams and the stores all run on redis-py's cluster client. Then what only a cluster has:
+the audio feed reading per node. Admission, SIGTERM hand-back and a master killed with `kill -9`
+are in `test_cluster_faults.py` (stacks of their own, not this module's shared one).
 """
 
 from __future__ import annotations
@@ -39,10 +40,6 @@ from tests.test_pipeline import (  # noqa: F401
     test_spoken_question_gets_transcript_and_spoken_reply,
     test_two_sessions_never_see_each_others_events,
     test_typed_message_gets_a_reply,
-)
-from tests.test_scaling import (  # noqa: F401
-    test_full_pool_gets_503_and_readyz_says_why,
-    test_sigterm_hands_sessions_back_at_once,
 )
 
 
