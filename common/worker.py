@@ -21,7 +21,14 @@ import redis.asyncio as aioredis
 from common import keys
 from common.bus import REDIS_ERRORS
 from common.jobs import Job, JobStream
-from common.metrics import SESSIONS_ACTIVE, SESSIONS_CLAIMED, SESSIONS_FAILED, SESSIONS_HANDED_BACK, SESSIONS_LOST
+from common.metrics import (
+    SESSIONS_ACTIVE,
+    SESSIONS_CLAIMED,
+    SESSIONS_FAILED,
+    SESSIONS_HANDED_BACK,
+    SESSIONS_LOST,
+    Health,
+)
 from common.models import ErrorEvent
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
@@ -65,6 +72,8 @@ class ClaimLoop:
         self._handing_back = False
         self._slot_freed = asyncio.Event()
         self.metrics_port = 0  # advertised, so ops and tests find this worker's /metrics
+        # The probes on the metrics port: live while the heartbeat loop runs, ready while it reaches Redis
+        self.health = Health(live_s=max(30.0, 10 * self.heartbeat_s), ready_s=max(5.0, 5 * self.heartbeat_s))
 
     @property
     def load(self) -> int:
@@ -159,9 +168,11 @@ class ClaimLoop:
             try:
                 await self.advertise()
                 lost = await self.jobs.heartbeat(jobs)
+                self.health.beat(ok=True)
             except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 lost = set()
+                self.health.beat(ok=False)
             for entry_id in lost & self.active.keys():
                 job, task = self.active[entry_id]
                 log.warning("lost session %s to another worker; stopping here", job.session_id)
@@ -173,6 +184,7 @@ class ClaimLoop:
     async def _shutdown(self) -> None:
         """Hand every live session back so another worker resumes it without waiting a lease."""
         self._handing_back = True
+        self.health.stopping = True
         with contextlib.suppress(*REDIS_ERRORS):
             await self.jobs.r.hdel(keys.workers(self.kind), self.consumer)
         tasks = [task for _, task in self.active.values()]

@@ -13,13 +13,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from common.bus import REDIS_ERRORS, Bus, connect
+from common.metrics import serve_metrics
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
 from gateway import browser_ws, sessions_api
 from gateway.admission import all_pools
 from gateway.origins import OriginGuard, OriginPolicy, trusted_hosts
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import SharedTokenBuckets, TokenBuckets
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
@@ -48,6 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = r
         app.state.bus = bus
         app.state.store = SessionStore(r, bus)
+        if settings.session_create_rate_scope == "redis":  # one bucket per client for all gateways
+            app.state.session_buckets = SharedTokenBuckets(
+                r, settings.session_create_rate_per_min, settings.session_create_burst,
+                fallback=app.state.session_buckets,
+            )
+        if settings.gateway_metrics_port:  # /metrics on a port of its own, off the public one
+            app.state.metrics_port = serve_metrics(settings.metrics_host, settings.gateway_metrics_port)
         try:
             freeze_startup_objects()
             yield
@@ -81,17 +89,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
-        """Ready when Redis answers and every worker pool has room for another session."""
+        """Ready = this gateway can serve: Redis answers. Worker pools being full is not a reason to
+        leave the load balancer (every gateway sees the same pools): `POST /v1/sessions` answers
+        that per request, 503 + Retry-After. The pools are reported here for people and dashboards."""
         try:
-            pools = await all_pools(app.state.redis, settings.worker_stale_s)
+            await app.state.redis.ping()
         except REDIS_ERRORS:
             return JSONResponse({"ready": False, "redis": False}, status_code=503)
-        ready = all(p.room > 0 for p in pools)
-        body = {"ready": ready, "redis": True, "pools": {p.kind: p.as_dict() for p in pools}}
-        return JSONResponse(body, status_code=200 if ready else 503)
+        body: dict = {"ready": True, "redis": True}
+        try:
+            pools = await all_pools(app.state.redis, settings.worker_stale_s)
+            body["pools"] = {p.kind: p.as_dict() for p in pools}
+        except REDIS_ERRORS:
+            pass
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:
+        if settings.gateway_metrics_port:
+            return Response(status_code=404)  # served on GATEWAY_METRICS_PORT, not to the public
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     frontend = Path(settings.frontend_dir) if settings.frontend_dir else FRONTEND_DIR
