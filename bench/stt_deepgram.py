@@ -37,13 +37,13 @@ from typing import Any
 
 import httpx
 import orjson
-import redis.asyncio as aioredis
 import uvloop
 from websockets.asyncio.server import ServerConnection
 
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from common import keys
+from common.bus import connect_url
 from tests.client import Browser, create_session
 from tests.fakes.deepgram import FakeConnection, FakeDeepgram, Speech
 
@@ -201,7 +201,7 @@ async def sample(pids: dict[str, int], result: Round) -> None:
 async def wait_ready(
     base_url: str, redis_url: str, procs: dict[str, asyncio.subprocess.Process], kinds: tuple[str, ...] = ("stt",)
 ) -> None:
-    r = aioredis.Redis.from_url(redis_url)
+    r = connect_url(redis_url)
     try:
         async with asyncio.timeout(WAIT_S), httpx.AsyncClient(base_url=base_url, timeout=1) as http:
             while True:

@@ -74,6 +74,13 @@ class LocalCluster:
         count = self.masters * (1 + self.replicas_per_master)
         taken: set[int] = set()
         self.ports = [cluster_port(taken) for _ in range(count)]
+        try:
+            self._create(server, cli)
+        except BaseException:
+            self.stop()  # no server left behind by a start that failed
+            raise
+
+    def _create(self, server: str, cli: str) -> None:
         for port in self.ports:
             self._spawn(server, port)
         for port in self.ports:
