@@ -64,16 +64,18 @@ class _Microphones:
         await asyncio.sleep(0.05)
 
 
-async def _ask(page: Browser, text: str, timeout_s: float = GUARD_S) -> float:
-    """Type `text`; the seconds until the reply to it has been spoken (`avatar.stopped_talking`)."""
+async def _ask(page: Browser, text: str = "hello", timeout_s: float = GUARD_S) -> float:
+    """Type `text`; the seconds until the answer starts (`avatar.reply`). Returns once it has been
+    spoken (`avatar.stopped_talking`), so the next question is a turn of its own."""
     known = {e["reply_id"] for e in page.of_type("avatar.reply")}
     t0 = time.monotonic()
     await page.send_json({"type": "text", "text": text})
     reply = await page.wait_for(lambda e: e.get("type") == "avatar.reply" and e["reply_id"] not in known, timeout_s)
+    answered_s = reply["_rx"] - t0
     await page.wait_for(
         lambda e: e.get("type") == "avatar.stopped_talking" and e["reply_id"] == reply["reply_id"], timeout_s
     )
-    return time.monotonic() - t0
+    return answered_s
 
 
 async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(private_redis_cluster: LocalCluster) -> None:
@@ -93,7 +95,10 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
             await b.wait_type("session.ready", GUARD_S)
         for b in browsers:
             mics.start(b)
-        before_s = [await _ask(b, "hello") for b in browsers]  # every session works before
+        # Every session works before. One at a time: six piper syntheses at once in one avatar
+        # worker have crashed onnxruntime here ("GetElementType is not implemented"), a local-voice
+        # limit unrelated to Redis.
+        before_s = [await _ask(b) for b in browsers]
 
         counts: dict[int, int] = {}
         for port in where.values():
@@ -108,7 +113,7 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
         killed_at = time.monotonic()
         await asyncio.to_thread(cluster.kill9, victim)
         # A turn typed by every page at once, while the victim's replica is not yet promoted.
-        asks = {b.session.session_id: asyncio.create_task(_ask(b, "what is avatar stack")) for b in spared}
+        asks = {b.session.session_id: asyncio.create_task(_ask(b)) for b in spared}
         promoted_s = await asyncio.to_thread(cluster.wait_promoted, victim)
 
         # Untouched: the other masters' sessions kept their sockets, saw no error, were answered.
@@ -131,7 +136,7 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
                 assert b.close_code == 1011, (
                     f"closed with {b.close_code}, not the reconnect code; last events "
                     f"{[(e.get('type'), e.get('id')) for e in b.events[-4:]]}, "
-                    f"session {stack.redis().hgetall(keys.session(sid))}"
+                    f"session {cluster.client().hgetall(keys.session(sid))}"
                 )
                 page, _ = await reconnect(b.session, committed(b)[-1]["id"], time.monotonic() + 30)
                 mics.start(page)
@@ -145,12 +150,12 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
                 continue
             if not resumed_s:
                 first_after_kill_s = time.monotonic() - killed_at
-            t = await _ask(page, "how do i scale it")
+            t = await _ask(page)
             resumed_s.append(t)
             pages[sid] = page
             # What the failover lost: events the page had received that the promoted replica
             # never got (Redis replication is asynchronous).
-            kept = {i.decode() for i, _ in stack.redis().xrange(keys.events(sid))}
+            kept = {i.decode() for i, _ in cluster.client().xrange(keys.events(sid))}  # a live node
             lost_events += len([i for i in seen_before[sid] if i not in kept])
 
         # The STT side of a hit session resumes too: speech after the failover is transcribed.
