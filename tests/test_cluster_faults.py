@@ -1,8 +1,8 @@
 """On a real Redis Cluster (3 masters + 3 replicas): admission, SIGTERM hand-back, and a master
 killed with `kill -9` mid-session while its replica is promoted.
 
-The admission and hand-back tests are the single-node ones, imported (here `redis_url` is the
-cluster's); each starts a stack of its own. The failover test prints one parseable line,
+The admission, hand-back, readiness and shared rate-limit tests are the single-node ones, imported
+(here `redis_url` is the cluster's); each starts a stack of its own. The failover test prints one parseable line,
 `FAULT-METRIC redis_cluster_master_kill9 …` (`pytest -s`), with what the failover cost.
 """
 
@@ -24,6 +24,10 @@ from tests.test_faults import GUARD_S, committed, metric, reconnect
 from tests.test_scaling import (  # noqa: F401  (each runs here on the cluster)
     test_full_pool_gets_503_and_readyz_says_why,
     test_sigterm_hands_sessions_back_at_once,
+)
+from tests.test_scaling_out import (  # noqa: F401
+    test_n_gateways_share_one_session_creation_limit_per_client,
+    test_ready_while_redis_answers_full_pools_are_a_503_per_request,
 )
 
 pytestmark = pytest.mark.slow
