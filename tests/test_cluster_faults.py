@@ -121,7 +121,15 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
         promoted_s = await asyncio.to_thread(cluster.wait_promoted, victim)
 
         # Untouched: the other masters' sessions kept their sockets, saw no error, were answered.
-        spared_s = [await asks[b.session.session_id] for b in spared]
+        spared_s = []
+        for b in spared:
+            try:
+                spared_s.append(await asks[b.session.session_id])
+            except AssertionError:
+                c, sid = cluster.client(), b.session.session_id
+                print("STUCK", sid, c.hgetall(keys.session(sid)), c.xrange(keys.turns(sid)),
+                      [e.get("type") for e in b.events[-3:]], b.close_code)
+                raise
         for b in spared:
             assert b.close_code is None, f"a session on a surviving master lost its socket ({b.close_code})"
             assert len(b.of_type("error")) == errors_before[b.session.session_id]
