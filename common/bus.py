@@ -11,7 +11,7 @@ import logging
 import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
@@ -40,6 +40,19 @@ def cluster_url(redis_url: str, redis_cluster_url: str = "") -> str | None:
     if redis_cluster_url:
         return _plain(redis_cluster_url)
     return _plain(redis_url) if redis_url.partition("://")[0] in CLUSTER_SCHEMES else None
+
+
+def _split_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """`redis://u:p@h1:1,h2:2/0` -> (`redis://u:p@h1:1/0`, [(h2, 2)])."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, hosts = rest.rpartition("@")
+    hosts, slash, path = hosts.partition("/")
+    first, *others = hosts.split(",")
+    nodes = []
+    for other in others:
+        host, _, port = other.strip().rpartition(":")
+        nodes.append((host or other.strip(), int(port) if host else 6379))
+    return f"{scheme}{sep}{auth}{at}{first}{slash}{path}", nodes
 
 
 def _plain(url: str) -> str:
@@ -109,9 +122,12 @@ def connect_url(
     )
     node = cluster_url(redis_url, redis_cluster_url)
     if node is not None:
-        # A replica promoted after its master died (cluster-node-timeout, a few seconds) is found by
-        # the client's own retry: on a connection error it re-reads the slot map and tries again.
-        return _RedisCluster.from_url(node, **options)  # type: ignore[return-value]
+        # Several nodes may be named, `redis://h1:6379,h2:6379`: a process that starts while one is
+        # down asks the next for the slot map. The rest of the URL (user, password) is the first's.
+        first, others = _split_nodes(node)
+        if others:
+            options["startup_nodes"] = [ClusterNode(host, port) for host, port in others]
+        return _RedisCluster.from_url(first, **options)  # type: ignore[return-value]
     return aioredis.Redis.from_url(redis_url, **options)
 
 

@@ -18,8 +18,8 @@ class Settings(BaseSettings):
 
     # Redis
     redis_url: str = "redis://127.0.0.1:6379/0"  # `redis+cluster://host:port` = a Redis Cluster node
-    # A node of a Redis Cluster (`redis://host:port`); set, it wins over REDIS_URL and the services
-    # use redis-py's cluster client (every command they send is single-slot)
+    # A node of a Redis Cluster (`redis://host:port`, or several: `redis://h1:p1,h2:p2`); set, it wins
+    # over REDIS_URL and the services use redis-py's cluster client (every command is single-slot)
     redis_cluster_url: str = ""
 
     # Providers

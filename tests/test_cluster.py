@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from common import keys
-from common.bus import Bus, cluster_url, connect_url, is_cluster
+from common.bus import Bus, _split_nodes, cluster_url, connect_url, is_cluster
 from common.models import SessionConfig
 from common.sessions import SessionStore
 from common.settings import Settings
@@ -56,6 +56,24 @@ def test_cluster_is_chosen_by_its_url_or_scheme() -> None:
     assert cluster_url("redis://ignored:6379/0", "redis://node:7000") == "redis://node:7000"
     assert cluster_url("redis://ignored:6379/0", "redis+cluster://node:7000") == "redis://node:7000"
     assert Settings(_env_file=None, redis_cluster_url="redis://n:7000").redis_cluster_url == "redis://n:7000"
+    assert _split_nodes("redis://u:p@h1:7000,h2:7001,h3/0") == ("redis://u:p@h1:7000/0", [("h2", 7001), ("h3", 6379)])
+    assert _split_nodes("redis://h1:7000") == ("redis://h1:7000", [])
+
+
+async def test_a_process_starting_while_its_first_node_is_down_asks_the_next(
+    private_redis_cluster: LocalCluster,
+) -> None:
+    cluster = private_redis_cluster
+    dead, alive = cluster.ports[0], cluster.ports[1]
+    await asyncio.to_thread(cluster.kill9, dead)
+    client = connect_url(f"redis+cluster://127.0.0.1:{dead},127.0.0.1:{alive}")
+    try:
+        await asyncio.to_thread(cluster.wait_promoted, dead)
+        async with asyncio.timeout(20):
+            await client.set("k:{x}", "1")
+            assert await client.get("k:{x}") == b"1"
+    finally:
+        await client.aclose()
 
 
 async def test_sessions_spread_over_every_master_and_the_feed_reads_per_node(redis_cluster: LocalCluster) -> None:
