@@ -10,13 +10,16 @@ STAMP  := $(VENV)/.installed
 # project-local folder (never on PATH, never needed by `make run`).
 LIVEKIT_VERSION := v1.13.5
 LIVEKIT_BIN     := .cache/bin/livekit-server
+# The Helm chart is rendered and validated by the tests with these, built the same way.
+HELM_VERSION        := v3.16.4
+KUBECONFORM_VERSION := v0.6.7
 
-.PHONY: run test setup setup-system setup-livekit frontend lint audit clean schema
+.PHONY: run test setup setup-system setup-livekit setup-deploy-tools frontend lint audit clean schema
 
 run: setup
 	$(BIN)/avatar-stack up
 
-test: setup-system setup setup-livekit
+test: setup-system setup setup-livekit setup-deploy-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m common.schema --check
 	$(BIN)/pytest -ra
@@ -67,6 +70,25 @@ setup-livekit:
 		mkdir -p $(dir $(LIVEKIT_BIN)) && mv .cache/gobin/server $(LIVEKIT_BIN) && \
 		$(LIVEKIT_BIN) --version; \
 	fi
+
+# helm and kubeconform for tests/test_helm_chart.py, by `go install` into .cache/gobin/ (3 min the
+# first time on 2 cores, nothing when the pinned versions are there). Without Go the chart test
+# skips, except in CI (CI=true), where that is an error.
+setup-deploy-tools:
+	@for spec in helm.sh/helm/v3/cmd/helm@$(HELM_VERSION) github.com/yannh/kubeconform/cmd/kubeconform@$(KUBECONFORM_VERSION); do \
+		pkg=$${spec%@*}; version=$${spec#*@}; bin=.cache/gobin/$$(basename $$pkg); \
+		mod=$$(echo $$pkg | sed 's#/cmd/.*##'); \
+		if command -v go >/dev/null && go version -m $$bin 2>/dev/null | grep -qE "^\s+mod\s+$$mod\s+$$version\s"; then \
+			echo "$$(basename $$pkg) $$version already in $$bin"; continue; \
+		fi; \
+		if ! command -v go >/dev/null; then \
+			echo "setup-deploy-tools: no Go (https://go.dev/dl) to build $$(basename $$pkg): the chart test will skip"; \
+			case "$${CI:-}" in true|1|yes) echo "setup-deploy-tools: CI needs it"; exit 1;; esac; \
+			continue; \
+		fi; \
+		echo "building $$(basename $$pkg) $$version (go install)"; \
+		mkdir -p .cache/gobin && GOBIN=$(CURDIR)/.cache/gobin go install $$spec || exit 1; \
+	done
 
 lint: setup
 	$(BIN)/ruff check .

@@ -31,7 +31,9 @@ def run(settings: Settings | None = None) -> None:
         reaper = asyncio.create_task(run_reaper(r, settings, stop)) if driver.name != "local" else None
         try:
             worker = AvatarWorker(r, settings, driver, make_brain(r, settings, responder))
-            worker.claims.metrics_port = serve_metrics(settings.metrics_host, settings.avatar_metrics_port)
+            worker.claims.metrics_port = serve_metrics(
+                settings.metrics_host, settings.avatar_metrics_port, worker.claims.health
+            )
             await worker.run(stop)
         finally:
             if reaper is not None:

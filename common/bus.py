@@ -11,8 +11,10 @@ import logging
 import orjson
 import redis.asyncio as aioredis
 from pydantic import BaseModel
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,12 +26,92 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redis:
-    """A Redis client that retries with backoff, so a Redis restart is survived, not fatal."""
-    return aioredis.Redis.from_url(
-        settings.redis_url,
+# What "Redis failed" means to the services: a cluster client also raises RedisClusterException
+# (not a RedisError) while it cannot map a slot to a node, e.g. during a failover.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def cluster_url(redis_url: str, redis_cluster_url: str = "") -> str | None:
+    """The plain `redis://` URL of a cluster node to start from, or None for a single Redis:
+    REDIS_CLUSTER_URL when set (either scheme), else REDIS_URL when its scheme is `redis+cluster://`
+    or `rediss+cluster://`."""
+    if redis_cluster_url:
+        return _plain(redis_cluster_url)
+    return _plain(redis_url) if redis_url.partition("://")[0] in CLUSTER_SCHEMES else None
+
+
+def _split_nodes(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """`redis://u:p@h1:1,h2:2/0` -> (`redis://u:p@h1:1/0`, [(h2, 2)])."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, hosts = rest.rpartition("@")
+    hosts, slash, path = hosts.partition("/")
+    first, *others = hosts.split(",")
+    nodes = []
+    for other in others:
+        host, _, port = other.strip().rpartition(":")
+        nodes.append((host or other.strip(), int(port) if host else 6379))
+    return f"{scheme}{sep}{auth}{at}{first}{slash}{path}", nodes
+
+
+def _plain(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{CLUSTER_SCHEMES.get(scheme, scheme)}{sep}{rest}"
+
+
+FAILOVER_S = 15.0  # how long a command waits for a cluster to heal (a replica promoted) before it fails
+
+
+class _RedisCluster(RedisCluster):
+    """redis-py's cluster client, patient across a failover.
+
+    On a connection error it re-reads the slot map and retries at once, a few times: over in
+    milliseconds, while a replica takes `cluster-node-timeout` (and an election) to replace a dead
+    master. And on CLUSTERDOWN it closes every connection of the client, to every node, which
+    breaks commands in flight to healthy nodes too. So here a command that failed that way is tried
+    again with backoff for up to FAILOVER_S: commands of sessions on the healthy masters go on, and
+    those of the dead master's sessions wait for its replica instead of failing."""
+
+    RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
+
+    async def _determine_slot(self, command: str, *args):
+        # XREAD / XREADGROUP have "movable keys": redis-py would ask the server (COMMAND GETKEYS, a
+        # round trip per read) where they are. They follow STREAMS: read them here.
+        if command.upper() in ("XREAD", "XREADGROUP"):
+            words = [a.upper() if isinstance(a, str) else a for a in args]
+            for marker in ("STREAMS", b"STREAMS"):
+                if marker in words:
+                    at = words.index(marker) + 1
+                    streams = args[at : at + (len(args) - at) // 2]
+                    slots = {self.keyslot(k) for k in streams}
+                    if len(slots) == 1:
+                        return slots.pop()
+                    break
+        return await super()._determine_slot(command, *args)
+
+    async def execute_command(self, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + FAILOVER_S, 0.05
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except self.RETRYABLE:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
+
+def connect_url(
+    redis_url: str, redis_cluster_url: str = "", *, max_connections: int = 2000
+) -> aioredis.Redis:
+    """A client that retries with backoff, so a Redis restart or a cluster failover is survived,
+    not fatal: a `redis.asyncio.Redis` for one node, redis-py's `RedisCluster` for a cluster. Both
+    speak the same commands; every command the services send names keys of one slot."""
+    options = dict(
         decode_responses=False,
-        max_connections=max_connections,
+        max_connections=max_connections,  # per node on a cluster
         health_check_interval=15,
         # Longer than any BLOCK we use (≤ 5 s), so only a read that hangs on a dead socket times out
         # (and is retried) instead of waiting forever.
@@ -38,6 +120,23 @@ def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redi
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries=8),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    node = cluster_url(redis_url, redis_cluster_url)
+    if node is not None:
+        # Several nodes may be named, `redis://h1:6379,h2:6379`: a process that starts while one is
+        # down asks the next for the slot map. The rest of the URL (user, password) is the first's.
+        first, others = _split_nodes(node)
+        if others:
+            options["startup_nodes"] = [ClusterNode(host, port) for host, port in others]
+        return _RedisCluster.from_url(first, **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(redis_url, **options)
+
+
+def connect(settings: Settings, *, max_connections: int = 2000) -> aioredis.Redis:
+    return connect_url(settings.redis_url, settings.redis_cluster_url, max_connections=max_connections)
+
+
+def is_cluster(r: object) -> bool:
+    return isinstance(r, RedisCluster)
 
 
 async def wait_for_redis(r: aioredis.Redis, timeout_s: float = 30.0) -> None:
@@ -46,7 +145,7 @@ async def wait_for_redis(r: aioredis.Redis, timeout_s: float = 30.0) -> None:
         try:
             await r.ping()
             return
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException, OSError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)

@@ -63,6 +63,12 @@ def workers(kind: str) -> str:
     return f"workers:{kind}"
 
 
+def rate_limit(what: str, client: str) -> str:
+    """Hash {tokens, at}: the token bucket of one client (an address) shared by every gateway; it
+    expires once the bucket would be full again."""
+    return f"ratelimit:{what}:{{{client}}}"
+
+
 SESSIONS_INDEX = "sessions:live"
 """Sorted set of live session ids scored by creation time (for listing and reaping)."""
 

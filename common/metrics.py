@@ -13,9 +13,13 @@ the Redis host (NTP), and is good to about a millisecond.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 from common.exposition import EXPOSED
 
@@ -44,13 +48,66 @@ def entry_age_s(entry_id: bytes | str, now: float | None = None) -> float:
     return max(0.0, (now if now is not None else time.time()) - int(raw.split("-", 1)[0]) / 1000)
 
 
-def serve_metrics(host: str, port: int) -> int:
-    """Expose this process's metrics over HTTP; returns the port it listens on (0: not served)."""
+@dataclass
+class Health:
+    """What a worker's probes answer (Kubernetes liveness / readiness), fed by its heartbeat loop.
+
+    Live: the heartbeat loop ran within `live_s` (the event loop is not stuck). Ready: the last
+    heartbeat reached Redis within `ready_s` and the worker is not shutting down (it claims)."""
+
+    live_s: float = 30.0
+    ready_s: float = 5.0
+    beat_at: float = 0.0  # last heartbeat attempt (monotonic)
+    ok_at: float = 0.0  # last heartbeat that reached Redis
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.beat_at = time.monotonic()  # starting counts as alive
+
+    def beat(self, ok: bool) -> None:
+        self.beat_at = time.monotonic()
+        if ok:
+            self.ok_at = self.beat_at
+
+    def live(self) -> bool:
+        return time.monotonic() - self.beat_at <= self.live_s
+
+    def ready(self) -> bool:
+        return not self.stopping and self.ok_at > 0 and time.monotonic() - self.ok_at <= self.ready_s
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _app(health: Health | None):
+    metrics = make_wsgi_app(EXPOSED)  # names: avatar_stack_*
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if path in ("/healthz", "/readyz") and health is not None:
+            ok = health.live() if path == "/healthz" else health.ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ready\n"]
+        return metrics(environ, start_response)
+
+    return app
+
+
+def serve_metrics(host: str, port: int, health: Health | None = None) -> int:
+    """Expose this process's metrics over HTTP (`/metrics`, and with `health` the probes `/healthz`
+    and `/readyz`); returns the port it listens on (0: not served)."""
     for candidate in (port, 0) if port else ():
         try:
-            server, _thread = start_http_server(candidate, addr=host, registry=EXPOSED)
+            server = make_server(host, candidate, _app(health), _Server, handler_class=_Quiet)
         except OSError as exc:
             log.warning("metrics port %d unavailable (%s); using a free one", candidate, exc)
             continue
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return int(server.server_port)
     return 0

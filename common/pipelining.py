@@ -7,6 +7,10 @@ a queue and the next batch carries all of them: one write and one read per batch
 number of sessions. A lone frame still goes out at once (no timer, no added latency), each caller
 still awaits its own entry id (so a session's frames stay in order and its errors reach it), and a
 batch never exceeds `max_batch` commands.
+
+On a Redis Cluster there is one queue (and one pipeline in flight) per node, by the slot of each
+key: a node that fails or fails over holds up and fails only the frames bound for it, never the
+other nodes' sessions. A single Redis is one node, so one queue, as before.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
+from redis.asyncio.cluster import RedisCluster
 
 BATCHES = Counter("redis_pipelined_batches_total", "Round trips that carried auto-pipelined XADDs")
 COMMANDS = Counter("redis_pipelined_commands_total", "XADDs sent through auto-pipelining")
@@ -26,26 +31,71 @@ class PipelinedXadd:
     def __init__(self, r: aioredis.Redis, *, max_batch: int = 512) -> None:
         self.r = r
         self.max_batch = max_batch
-        self._queue: deque[tuple[str, dict[str, Any], int, asyncio.Future[bytes]]] = deque()
-        self._flusher: asyncio.Task[None] | None = None
+        self._queues: dict[str, deque[tuple[str, dict[str, Any], int, asyncio.Future[bytes]]]] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
         self.batches = 0  # for metrics and tests: how many round trips carried the commands
         self.commands = 0
 
+    def _node(self, key: str) -> str:
+        if isinstance(self.r, RedisCluster):
+            try:
+                return self.r.get_node_from_key(key).name
+            except Exception:  # no slot map yet: the cluster client finds the node itself
+                return ""
+        return ""
+
     async def xadd(self, key: str, fields: dict[str, Any], maxlen: int) -> bytes:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._queue.append((key, fields, maxlen, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        node = self._node(key)
+        queue = self._queues.get(node)
+        if queue is None:
+            queue = self._queues[node] = deque()
+        queue.append((key, fields, maxlen, future))
+        flusher = self._flushers.get(node)
+        if flusher is None or flusher.done():
+            self._flushers[node] = asyncio.create_task(self._flush(queue))
         return await future
 
-    async def _flush(self) -> None:
-        while self._queue:
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
-            pipe = self.r.pipeline(transaction=False)
-            for key, fields, maxlen, _ in batch:
-                pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+    async def _execute(self, batch: list[tuple[str, dict[str, Any], int, asyncio.Future[bytes]]]) -> list[Any]:
+        """One round trip for the batch. On a cluster, commands that failed for a node failing over
+        are sent again with backoff (see common.bus), so their frames are late, not lost, and only
+        this node's queue waits."""
+        pipe = self.r.pipeline(transaction=False)
+        for key, fields, maxlen, _ in batch:
+            pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+        if not isinstance(self.r, RedisCluster):
+            return await pipe.execute(raise_on_error=False)
+        from common.bus import FAILOVER_S, _RedisCluster
+
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + FAILOVER_S, 0.05
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        while True:
             try:
-                results = await pipe.execute(raise_on_error=False)
+                got = await pipe.execute(raise_on_error=False)
+            except _RedisCluster.RETRYABLE as exc:
+                got = [exc] * len(todo)
+            again = []
+            for i, result in zip(todo, got, strict=True):
+                results[i] = result
+                if isinstance(result, _RedisCluster.RETRYABLE):
+                    again.append(i)
+            if not again or loop.time() + delay > deadline:
+                return results
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+            todo = again
+            pipe = self.r.pipeline(transaction=False)
+            for i in todo:
+                key, fields, maxlen, _ = batch[i]
+                pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
+
+    async def _flush(self, queue: deque[tuple[str, dict[str, Any], int, asyncio.Future[bytes]]]) -> None:
+        while queue:
+            batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+            try:
+                results = await self._execute(batch)
             except BaseException as exc:  # the connection failed: every caller in the batch hears it
                 for *_, future in batch:
                     if not future.done():

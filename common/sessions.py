@@ -65,6 +65,8 @@ class SessionStore:
         sid = new_session_id()
         token = secrets.token_urlsafe(32)
         now = time.time()
+        # One transaction per slot (a cluster refuses a cross-slot MULTI): the session's own hash
+        # first, then the index, which only lists sessions (a session missing from it still works).
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hset(
                 keys.session(sid),
@@ -78,8 +80,8 @@ class SessionStore:
                 },
             )
             pipe.expire(keys.session(sid), int(self.settings.session_max_s) + 60)
-            pipe.zadd(keys.SESSIONS_INDEX, {sid: now})
             await pipe.execute()
+        await self.r.zadd(keys.SESSIONS_INDEX, {sid: now})
         return sid, token
 
     async def get(self, sid: str) -> dict[str, str] | None:

@@ -17,7 +17,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     # Redis
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # `redis+cluster://host:port` = a Redis Cluster node
+    # A node of a Redis Cluster (`redis://host:port`, or several: `redis://h1:p1,h2:p2`); set, it wins
+    # over REDIS_URL and the services use redis-py's cluster client (every command is single-slot)
+    redis_cluster_url: str = ""
 
     # Providers
     stt_provider: Literal["auto", "local", "deepgram"] = "auto"
@@ -111,6 +114,11 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1,::1"
     session_create_rate_per_min: float = Field(default=30.0, ge=0)  # per client address; 0 = no limit
     session_create_burst: int = Field(default=10, ge=0)  # sessions a client may create at once; 0 = no limit
+    # redis: one bucket per client shared by every gateway (N gateways allow the rate once, not N
+    # times); process: each gateway its own (the fallback anyway while Redis does not answer)
+    session_create_rate_scope: Literal["redis", "process"] = "redis"
+    # >0: the gateway serves /metrics on this port (METRICS_HOST) instead of its public one
+    gateway_metrics_port: int = Field(default=0, ge=0, le=65535)
     frontend_dir: str = Field(default="", description="the page's folder; empty = frontend/ of this checkout")
     # A send to a browser that cannot complete in this long closes its socket with 4408 (the page
     # reconnects with `last_event`; the events wait in Redis), so a stalled page holds no memory.

@@ -17,11 +17,18 @@ from collections.abc import Awaitable, Callable
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from common import keys
+from common.bus import REDIS_ERRORS
 from common.jobs import Job, JobStream
-from common.metrics import SESSIONS_ACTIVE, SESSIONS_CLAIMED, SESSIONS_FAILED, SESSIONS_HANDED_BACK, SESSIONS_LOST
+from common.metrics import (
+    SESSIONS_ACTIVE,
+    SESSIONS_CLAIMED,
+    SESSIONS_FAILED,
+    SESSIONS_HANDED_BACK,
+    SESSIONS_LOST,
+    Health,
+)
 from common.models import ErrorEvent
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
@@ -65,6 +72,8 @@ class ClaimLoop:
         self._handing_back = False
         self._slot_freed = asyncio.Event()
         self.metrics_port = 0  # advertised, so ops and tests find this worker's /metrics
+        # The probes on the metrics port: live while the heartbeat loop runs, ready while it reaches Redis
+        self.health = Health(live_s=max(30.0, 10 * self.heartbeat_s), ready_s=max(5.0, 5 * self.heartbeat_s))
 
     @property
     def load(self) -> int:
@@ -84,7 +93,7 @@ class ClaimLoop:
                     continue
                 try:
                     jobs = await self.jobs.claim(room, block_ms=1000)
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("claiming failed (%s); retrying", exc)
                     await asyncio.sleep(1.0)
                     continue
@@ -95,6 +104,10 @@ class ClaimLoop:
             await self._shutdown()
 
     async def _start(self, job: Job) -> None:
+        if job.entry_id in self.active:
+            # Ours already: Redis was away longer than the lease (a restart, a cluster failover)
+            # and XAUTOCLAIM gave us back our own entry. Serving it twice would answer twice.
+            return
         if await self.store.is_ended(job.session_id):
             await self.jobs.done(job)
             return
@@ -113,7 +126,7 @@ class ClaimLoop:
             await self.serve(job)
         except asyncio.CancelledError:
             pass
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Redis went away under the session: it is not over. Give it back, so it resumes from
             # its cursors (here or on another worker) once Redis answers again.
             log.warning("%s session %s lost Redis (%s); handing it back", self.kind, job.session_id, exc)
@@ -127,7 +140,7 @@ class ClaimLoop:
                     ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
                 )
                 await self.store.end(job.session_id, f"{self.kind}_failed")
-            except (RedisError, OSError):
+            except REDIS_ERRORS:
                 log.exception("could not end failed session %s", job.session_id)
                 hand_back = True
         finally:
@@ -155,9 +168,11 @@ class ClaimLoop:
             try:
                 await self.advertise()
                 lost = await self.jobs.heartbeat(jobs)
-            except (RedisError, OSError) as exc:
+                self.health.beat(ok=True)
+            except REDIS_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
                 lost = set()
+                self.health.beat(ok=False)
             for entry_id in lost & self.active.keys():
                 job, task = self.active[entry_id]
                 log.warning("lost session %s to another worker; stopping here", job.session_id)
@@ -169,7 +184,8 @@ class ClaimLoop:
     async def _shutdown(self) -> None:
         """Hand every live session back so another worker resumes it without waiting a lease."""
         self._handing_back = True
-        with contextlib.suppress(RedisError, OSError):
+        self.health.stopping = True
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.jobs.r.hdel(keys.workers(self.kind), self.consumer)
         tasks = [task for _, task in self.active.values()]
         if tasks:
@@ -207,5 +223,5 @@ async def _wait_any(a: asyncio.Event, b: asyncio.Event, wait_s: float) -> None:
 async def _quietly(coro: Awaitable[object]) -> None:
     try:
         await coro
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("job bookkeeping failed: %s", exc)

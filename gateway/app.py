@@ -10,19 +10,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from common.build_info import package_version, set_build_info
-from common.bus import Bus, connect
+from common.bus import REDIS_ERRORS, Bus, connect
 from common.exposition import EXPOSED
+from common.metrics import serve_metrics
 from common.service import freeze_startup_objects
 from common.sessions import SessionStore
 from common.settings import Settings, get_settings
 from gateway import browser_ws, sessions_api
 from gateway.admission import all_pools
 from gateway.origins import OriginGuard, OriginPolicy, trusted_hosts
-from gateway.ratelimit import TokenBuckets
+from gateway.ratelimit import SharedTokenBuckets, TokenBuckets
 
 FRONTEND_DIR = Path(__file__).resolve().parent.parent / "frontend"
 
@@ -51,6 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = r
         app.state.bus = bus
         app.state.store = SessionStore(r, bus)
+        if settings.session_create_rate_scope == "redis":  # one bucket per client for all gateways
+            app.state.session_buckets = SharedTokenBuckets(
+                r, settings.session_create_rate_per_min, settings.session_create_burst,
+                fallback=app.state.session_buckets,
+            )
+        if settings.gateway_metrics_port:  # /metrics on a port of its own, off the public one
+            app.state.metrics_port = serve_metrics(settings.metrics_host, settings.gateway_metrics_port)
         try:
             freeze_startup_objects()
             yield
@@ -81,24 +88,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> JSONResponse:
         try:
             await app.state.redis.ping()
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return JSONResponse({"status": "degraded", "redis": False}, status_code=503)
         return JSONResponse({"status": "ok", "redis": True})
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
-        """Ready when Redis answers and every worker pool has room for another session."""
+        """Ready = this gateway can serve: Redis answers. Worker pools being full is not a reason to
+        leave the load balancer (every gateway sees the same pools): `POST /v1/sessions` answers
+        that per request, 503 + Retry-After. The pools are reported here for people and dashboards."""
+        try:
+            await app.state.redis.ping()
+        except REDIS_ERRORS:
+            return JSONResponse({"ready": False, "redis": False}, status_code=503)
+        body: dict = {"ready": True, "redis": True}
         try:
             pools = await all_pools(app.state.redis, settings.worker_stale_s)
-        except (RedisError, OSError):
-            return JSONResponse({"ready": False, "redis": False}, status_code=503)
-        ready = all(p.room > 0 for p in pools)
-        body = {"ready": ready, "redis": True, "pools": {p.kind: p.as_dict() for p in pools}}
-        return JSONResponse(body, status_code=200 if ready else 503)
+            body["pools"] = {p.kind: p.as_dict() for p in pools}
+        except REDIS_ERRORS:
+            pass
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(EXPOSED), media_type=CONTENT_TYPE_LATEST)  # names: avatar_stack_*
+        if settings.gateway_metrics_port:
+            return Response(status_code=404)  # served on GATEWAY_METRICS_PORT, not to the public
+        return Response(generate_latest(EXPOSED), media_type=CONTENT_TYPE_LATEST)
 
     frontend = Path(settings.frontend_dir) if settings.frontend_dir else FRONTEND_DIR
     if frontend.is_dir():

@@ -20,11 +20,10 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
-from redis.exceptions import RedisError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from common import keys, tracing
-from common.bus import Bus, dump
+from common.bus import REDIS_ERRORS, Bus, dump
 from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
     AvatarEventIn,
@@ -138,14 +137,14 @@ class BrowserConnection:
                     SLOW_CLOSES.inc()
                     log.warning("session %s: browser too slow, closing with 4408", self.sid, extra={"sid": self.sid})
                     close_code, close_reason = CLOSE_TOO_SLOW, "client too slow"
-                elif isinstance(task.exception(), RedisError | OSError):
+                elif isinstance(task.exception(), REDIS_ERRORS):
                     # The bus failed, not the session: 1011 tells the page to reconnect.
                     log.warning("session %s: bus error %r", self.sid, task.exception(), extra={"sid": self.sid})
                     close_code = 1011
         finally:
             await cancel_and_wait((up, down, presence))
             SOCKETS.dec()
-            with contextlib.suppress(RedisError, OSError):  # else its entry expires on its own
+            with contextlib.suppress(*REDIS_ERRORS):  # else its entry expires on its own
                 await self.store.drop_connection(self.sid, self.conn_id)
             if self.ws.application_state != WebSocketState.DISCONNECTED:
                 # Bounded: behind a stalled page even the close frame waits for room in the socket.

@@ -15,6 +15,7 @@ from common import keys
 from common.jobs import JobStream
 from common.models import SessionConfig, SessionCreated, SessionInfo
 from gateway.admission import all_pools
+from gateway.ratelimit import SharedTokenBuckets
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
@@ -80,10 +81,12 @@ async def _require_session_access(request: Request, sid: str, credential: str) -
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid session token")
 
 
-def _limit_creation_rate(request: Request) -> None:
-    """A token bucket per client address (after uvicorn's proxy headers), in this gateway process."""
+async def _limit_creation_rate(request: Request) -> None:
+    """A token bucket per client address (after uvicorn's proxy headers), shared by every gateway
+    through Redis (SESSION_CREATE_RATE_SCOPE=redis) or this process's own."""
     client = request.client.host if request.client else "unknown"
-    wait = request.app.state.session_buckets.take(client)
+    buckets = request.app.state.session_buckets
+    wait = await buckets.take(client) if isinstance(buckets, SharedTokenBuckets) else buckets.take(client)
     if wait > 0:
         SESSIONS_RATE_LIMITED.inc()
         retry = max(1, math.ceil(wait))
@@ -114,7 +117,7 @@ async def create_session(
     if not _is_admin(request, credential):
         # Holders of GATEWAY_API_KEY are a trusted backend creating sessions for many users from one
         # address; everyone else is limited, which also slows guessing the key.
-        _limit_creation_rate(request)
+        await _limit_creation_rate(request)
     _require_api_key(request, credential)
     return await _create(request, config)
 

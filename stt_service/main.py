@@ -18,7 +18,9 @@ def run(settings: Settings | None = None) -> None:
 
     async def runner(r: aioredis.Redis, stop: asyncio.Event) -> None:
         worker = SttWorker(r, settings, make_engine(settings))
-        worker.claims.metrics_port = serve_metrics(settings.metrics_host, settings.stt_metrics_port)
+        worker.claims.metrics_port = serve_metrics(
+            settings.metrics_host, settings.stt_metrics_port, worker.claims.health
+        )
         await worker.run(stop)
 
     run_service("stt", settings, runner)

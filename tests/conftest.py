@@ -20,6 +20,7 @@ import redis
 
 from avatar_stack.up import free_port, redis_answers, redis_binary
 from common import keys
+from tests.cluster_util import LocalCluster, sync_client
 from tests.livekit_util import LiveKitServer, livekit_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,25 @@ def redis_url() -> Iterator[str]:
     proc.terminate()
     proc.wait(5)
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A real Redis Cluster of our own: 3 masters + 3 replicas on loopback (~2 s to start).
+    Shared by the run; a test that kills a node uses `private_redis_cluster`."""
+    cluster = LocalCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def private_redis_cluster() -> Iterator[LocalCluster]:
+    """A cluster of this test's own, whose nodes it may kill."""
+    cluster = LocalCluster()
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 def require_livekit_binary() -> str:
@@ -81,7 +101,7 @@ def private_livekit_server() -> Iterator[LiveKitServer]:
 
 @pytest.fixture
 def clean_redis(redis_url: str) -> str:
-    redis.Redis.from_url(redis_url).flushall()
+    sync_client(redis_url).flushall()
     return redis_url
 
 
@@ -132,7 +152,7 @@ class Stack:
                 raise AssertionError(f"{name} exited with {proc.returncode}:\n{log}")
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_url)
+        return sync_client(self.redis_url)  # a cluster client for `redis+cluster://`
 
     def wait_workers(self, kind: str, count: int, timeout_s: float = 180) -> None:
         """Workers advertise themselves in `workers:{kind}` once they are claiming: that means ready."""
@@ -149,7 +169,8 @@ class Stack:
 
 def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
     # No vendor keys and no LiveKit from the developer's shell: a test asks for what it needs.
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY") and not k.startswith("LIVEKIT_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.endswith("_API_KEY") and not k.startswith("LIVEKIT_") and k != "REDIS_CLUSTER_URL"}
     env.update(
         REDIS_URL=redis_url,
         GATEWAY_HOST="127.0.0.1",
@@ -168,7 +189,7 @@ def stack_env(redis_url: str, port: int, **extra: str) -> dict[str, str]:
 
 
 def start_stack(redis_url: str, **extra: str) -> Stack:
-    redis.Redis.from_url(redis_url).flushall()
+    sync_client(redis_url).flushall()
     port = free_port()
     stack = Stack(redis_url, stack_env(redis_url, port, **extra), f"http://127.0.0.1:{port}")
     stack.start("gateway")

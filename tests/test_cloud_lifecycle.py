@@ -29,7 +29,7 @@ from avatar_service.providers.liveavatar import (
 )
 from avatar_service.reaper import reap_once
 from common import keys
-from common.bus import Bus
+from common.bus import Bus, connect_url
 from common.models import SessionConfig
 from common.pcm import StreamResampler
 from common.sessions import SessionStore
@@ -75,7 +75,7 @@ def fake() -> Iterator[FakeLiveAvatar]:
 
 @pytest.fixture
 async def r(clean_redis: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(clean_redis)
+    client = connect_url(clean_redis)
     yield client
     await client.aclose()
 

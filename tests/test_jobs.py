@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import keys
-from common.bus import Bus
+from common.bus import Bus, connect_url
 from common.jobs import JobStream
 from common.models import SessionConfig, event_adapter, turn_adapter
 from common.sessions import SessionStore
@@ -20,7 +20,7 @@ STREAM, GROUP = keys.JOBS_STT, keys.GROUP_STT
 
 @pytest.fixture
 async def r(clean_redis: str):
-    client = aioredis.Redis.from_url(clean_redis)
+    client = connect_url(clean_redis)
     yield client
     await client.aclose()
 
