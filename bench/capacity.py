@@ -227,6 +227,9 @@ class Stack:
         env = {
             **{k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
             "REDIS_URL": redis_url, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
+            # Transport, not turn-taking: the fake's finals carry no punctuation and its spelled audio is
+            # no speech for the turn model, so every utterance is a turn of its own (bench.turns measures turns).
+            "TURN_DETECTION": "silence",
             "STT_PROVIDER": "deepgram", "DEEPGRAM_API_KEY": DEEPGRAM_KEY, "DEEPGRAM_URL": self.deepgram.url,
             "AVATAR_PROVIDER": "heygen", "HEYGEN_API_KEY": HEYGEN_KEY, "HEYGEN_SERVER_URL": self.heygen.url,
             "HEYGEN_AVATAR_ID": "Anna_public", "HEYGEN_TASK_TYPE": "talk", "HEYGEN_REAPER_INTERVAL_S": "0",

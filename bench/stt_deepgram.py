@@ -230,6 +230,9 @@ async def measure(redis_url: str, redis_pid: int, counts: list[int], utterances:
         env = {
             **{k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")},
             "REDIS_URL": redis_url, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
+            # Transport, not turn-taking: the fake's finals carry no punctuation and its spelled audio is
+            # no speech for the turn model, so every utterance is a turn of its own (bench.turns measures turns).
+            "TURN_DETECTION": "silence",
             "STT_PROVIDER": "deepgram", "DEEPGRAM_API_KEY": KEY, "DEEPGRAM_URL": fake.url,
             "STT_CAPACITY": str(max(counts) + 8), "ADMISSION_CONTROL": "false",
             "SESSION_IDLE_TIMEOUT_S": "600", "LOG_LEVEL": "WARNING",
