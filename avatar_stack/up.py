@@ -132,8 +132,9 @@ POOL_NAMES = {"stt": "speech recognition", "avatar": "avatar"}
 
 
 def wait_ready(url: str, procs: Supervisor, stopping, progress_every_s: float = 3.0) -> bool:
-    """Until `/readyz` says every worker pool has room, i.e. a session started now would be served;
-    prints what it is still waiting for (the workers load their models first). False if stopped."""
+    """Until `/readyz` says the gateway serves and every worker pool has room, i.e. a session
+    started now would be served; prints what it is still waiting for (the workers load their
+    models first). False if stopped."""
     start = time.monotonic()
     last_note = ""
     last_at = 0.0
@@ -143,9 +144,12 @@ def wait_ready(url: str, procs: Supervisor, stopping, progress_every_s: float = 
         try:
             resp = httpx.get(f"{url}/readyz", timeout=2)
             body = resp.json()
-            if resp.status_code == 200 and body.get("ready"):
-                return True
             pools = body.get("pools", {})
+            # /readyz means "this gateway can serve" (Redis answers); a session is served only once
+            # every pool has room too, which it reports beside.
+            if resp.status_code == 200 and body.get("ready") and pools and all(
+                    p.get("has_room") for p in pools.values()):
+                return True
             waiting = [
                 f"{POOL_NAMES.get(kind, kind)} worker ({'loading its models' if not p.get('workers') else 'full'})"
                 for kind, p in sorted(pools.items())
