@@ -158,7 +158,7 @@ demo_router = APIRouter(prefix="/demo", tags=["demo"])
 )
 async def create_demo_session(request: Request, config: SessionConfig | None = Body(default=None)) -> SessionCreated:
     """A session for the bundled page, without the API key: what a customer's backend does."""
-    _limit_creation_rate(request)
+    await _limit_creation_rate(request)
     return await _create(request, config)
 
 
