@@ -197,8 +197,10 @@ class _Conversation:
 
     async def _heard_over_avatar(self, speech: UserSpeech) -> None:
         """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
-        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at, interim=True,
-                                    level_db=speech.level_db)
+        # A held segment is finished speech (the user paused after it): like a final, one word
+        # ("Wait.") is enough; a running interim needs BARGE_IN_MIN_WORDS.
+        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at,
+                                    interim=not speech.held, level_db=speech.level_db)
         HEARD.labels(verdict, "interim").inc()
         if verdict != "words":
             return
