@@ -1,7 +1,7 @@
 // Types of <avatar-stack-avatar> (frontend/widget.js): its attributes, methods and events.
 // The server events it passes on are typed in protocol.d.ts (generated from common/models.py).
 //
-//   import type { AvatarStackAvatar } from "https://avatars.example.com/widget.d.ts";
+//   import type { AvatarStackAvatar } from "./widget.d.ts";
 //   const el = document.querySelector("avatar-stack-avatar")!;
 //   el.addEventListener("avatar-stack:reply", (e) => console.log(e.detail.text));
 

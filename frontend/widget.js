@@ -2,7 +2,7 @@
 // the gateway, no build step; it reuses the page's modules (socket, microphone, player, face,
 // LiveKit views). Types of its attributes, methods and events: widget.d.ts.
 //
-//   <script type="module" src="https://avatars.example.com/widget.js"></script>
+//   <script type="module" src="/widget.js"></script>   (the path on your avatar-stack gateway)
 //   <avatar-stack-avatar session-endpoint="/api/avatar-session" theme="dark" captions></avatar-stack-avatar>
 //
 // A page of another origin must be listed in the gateway's ALLOWED_ORIGINS (module scripts, the
