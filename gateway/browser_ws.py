@@ -129,7 +129,7 @@ class BrowserConnection:
         try:
             done, _ = await asyncio.wait({up, down, presence}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task.cancelled():
+                if task.cancelled() or task.exception() is None:
                     continue
                 if isinstance(task.exception(), ClientTooSlow):
                     # The page stopped reading (or its link is too slow): hold nothing for it. The
@@ -141,6 +141,12 @@ class BrowserConnection:
                     # The bus failed, not the session: 1011 tells the page to reconnect.
                     log.warning("session %s: bus error %r", self.sid, task.exception(), extra={"sid": self.sid})
                     close_code = 1011
+                else:
+                    # A bug, not the page's doing: never a silent 1000 (the page would take the session
+                    # as over); 1011 makes it reconnect with `last_event`, and the log says why.
+                    log.error("session %s: socket task failed", self.sid, exc_info=task.exception(),
+                              extra={"sid": self.sid})
+                    close_code, close_reason = 1011, "server error"
         finally:
             await cancel_and_wait((up, down, presence))
             SOCKETS.dec()

@@ -34,7 +34,11 @@ TURN_TIMEOUT_MS = 90_000
 
 @pytest.fixture(scope="module")
 def keyed_demo_gateway(redis_url: str) -> Iterator[Stack]:
-    stack = start_gateway(redis_url, GATEWAY_API_KEY=API_KEY, GATEWAY_DEMO_SESSIONS="true", SESSION_CREATE_BURST="4")
+    # Its own buckets (not Redis's): the test drains 127.0.0.1's, which later tests' gateways share.
+    stack = start_gateway(
+        redis_url, GATEWAY_API_KEY=API_KEY, GATEWAY_DEMO_SESSIONS="true", SESSION_CREATE_BURST="4",
+        SESSION_CREATE_RATE_SCOPE="process",
+    )
     yield stack
     stack.stop_all()
 
