@@ -69,6 +69,7 @@ TAG = re.compile(r"^r(\d+)s(\d+)u(\d+)\b")
 HOPS = ("frame→engine", "final→browser", "final→avatar", "turn→avatar")
 BUDGETED = ("frame→engine", "final→browser", "final→avatar")
 PROCESSES = ("gateway", "stt-worker", "avatar-worker", "redis", "bench")
+STACK = PROCESSES[:-1]  # what a deployment runs; `bench` is the browsers and the vendor fakes
 
 
 # --- the fakes, stamped ---------------------------------------------------------------------
@@ -128,11 +129,16 @@ async def stream_all(browsers: list[BenchBrowser], pcms: list[bytes], frame_byte
     200 wake-ups a second instead of 10 000, so the load generator leaves the cores to the
     pipeline. Browsers are spread over `phases` offsets within a frame so frames arrive spread
     out, as from independent pages, not all in the same instant.
+
+    Each frame is one write of a ready-made WebSocket frame to the socket (`ws_frame`), not a
+    `send` through the client library: the library's framing and masking per frame were half of
+    this process's CPU, which on the same cores is taken from the stack under test.
     """
     frame_s = frame_bytes / 32000
     tick_s = frame_s / phases
     pcms = [pcm + b"\x00" * (-len(pcm) % frame_bytes) for pcm in pcms]  # a page sends whole frames
     frames = [[pcm[i:i + frame_bytes] for i in range(0, len(pcm), frame_bytes)] for pcm in pcms]
+    header = ws_header(frame_bytes)
     start, tick = time.monotonic(), 0
     while True:
         phase, n = tick % phases, tick // phases
@@ -142,7 +148,7 @@ async def stream_all(browsers: list[BenchBrowser], pcms: list[bytes], frame_byte
                 busy = True
                 browser, frame = browsers[i], frames[i][n]
                 assert browser.ws is not None
-                await browser.ws.send(frame)
+                browser.ws.transport.writelines((header, frame))
                 browser.sent.append(((browser.sent[-1][0] if browser.sent else 0) + len(frame), time.monotonic()))
         if not busy and all(n >= len(f) for f in frames):
             return
@@ -150,6 +156,14 @@ async def stream_all(browsers: list[BenchBrowser], pcms: list[bytes], frame_byte
         delay = start + tick * tick_s - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def ws_header(nbytes: int) -> bytes:
+    """The head of a client's binary WebSocket frame (RFC 6455 5.2) of `nbytes` < 64 KiB: FIN and
+    opcode 2, the masked bit with a 16-bit length, and a zero masking key, so the payload is sent
+    as it is. (A real page masks with a random key; the server unmasks either the same way.)"""
+    assert 126 <= nbytes < 1 << 16
+    return bytes((0x82, 0x80 | 126)) + nbytes.to_bytes(2, "big") + bytes(4)
 
 
 # --- one round ------------------------------------------------------------------------------
@@ -167,6 +181,7 @@ class Round:
     frames_lost: int = 0  # sent by a browser, never received by the engine
     gateway_frames_dropped: float = 0.0  # the gateway's own counter (rate limit, bad frames)
     cpu_pct: dict[str, float] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process used in the round
     rss_mb: dict[str, float] = field(default_factory=dict)  # peak while talking
     rss_idle_mb: dict[str, float] = field(default_factory=dict)  # before the round's sessions existed
     breakdown_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # from the services' histograms
@@ -354,6 +369,7 @@ async def run_round(stack: Stack, round_no: int, n: int, utterances: int) -> Rou
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         result.cpu_pct = {k: round(100 * (cpu_after[k] - cpu_before[k]) / result.seconds, 1) for k in cpu_after}
+        result.cpu_s = {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after}
         ended = time.monotonic()
         gc.enable()
         await asyncio.gather(*(b.close() for b in browsers), return_exceptions=True)
@@ -524,6 +540,19 @@ def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, Any]:
         cells = " | ".join(f"{r.cpu_pct.get(p, 0):5.0f}% {r.rss_idle_mb.get(p, 0):5.0f}->{r.rss_mb.get(p, 0):<5.0f}"
                            for p in PROCESSES)
         print(f"{r.sessions:8d} | {cells} | {others:5.0f}%")
+    print("\nCPU per audio frame (µs per 20 ms frame a browser sent, everything each process did in the round),")
+    print("sessions per core and memory per session (peak RSS over idle) of the stack: gateway + stt + avatar + redis")
+    print(f"{'sessions':>8s} | " + " | ".join(f"{p:>13s}" for p in (*STACK, "stack", "bench"))
+          + " | sessions/core | MB/session")
+    for r in rounds:
+        frames = max(1, r.frames_sent)
+        per_frame = {p: 1e6 * r.cpu_s.get(p, 0.0) / frames for p in (*STACK, "bench")}
+        stack_us = sum(per_frame[p] for p in STACK)
+        cores = sum(r.cpu_pct.get(p, 0.0) for p in STACK) / 100
+        mb = sum(r.rss_mb.get(p, 0.0) - r.rss_idle_mb.get(p, 0.0) for p in STACK) / max(1, r.sessions)
+        cells = " | ".join(f"{per_frame[p]:10.1f} µs" for p in STACK)
+        print(f"{r.sessions:8d} | {cells} | {stack_us:10.1f} µs | {per_frame['bench']:10.1f} µs | "
+              f"{r.sessions / cores if cores else 0:13.0f} | {mb:10.2f}")
     for r in rounds:
         if r.missing_finals or r.missing_avatar_calls or r.duplicate_avatar_calls or r.gateway_frames_dropped:
             print(f"  !! {r.sessions} sessions: {r.missing_finals} finals and {r.missing_avatar_calls} avatar calls "

@@ -161,29 +161,49 @@ class Bus:
     def __init__(self, r: aioredis.Redis, settings: Settings) -> None:
         self.r = r
         self.settings = settings
-        self.audio_writer = PipelinedXadd(r)  # many sessions' frames, one round trip
+        # many sessions' frames, one round trip
+        self.audio_writer = PipelinedXadd(r, linger_s=settings.audio_batch_ms / 1000)
 
     # ---- events:{sid} (to the browser)
 
-    async def publish_event(self, sid: str, event: BaseModel, pcm: bytes | None = None) -> bytes:
+    def _event_fields(self, sid: str, event: BaseModel, pcm: bytes | None = None) -> dict[str, bytes]:
         fields: dict[str, bytes] = {"e": dump(event)}
         if pcm is not None:
             fields["pcm"] = pcm
         tp = tracing.event_published(sid, event)  # the trace context of a turn's reply, if traced
         if tp:
             fields["tp"] = tp
+        return fields
+
+    async def publish_event(self, sid: str, event: BaseModel, pcm: bytes | None = None) -> bytes:
         return await self.r.xadd(
-            keys.events(sid), fields, maxlen=self.settings.events_stream_maxlen, approximate=True
+            keys.events(sid), self._event_fields(sid, event, pcm), maxlen=self.settings.events_stream_maxlen,
+            approximate=True,
         )
 
     # ---- turns:{sid} (to the avatar worker)
 
-    async def publish_turn(self, sid: str, turn: BaseModel) -> bytes:
+    def _turn_fields(self, sid: str, turn: BaseModel) -> dict[str, bytes]:
         fields = {"t": dump(turn)}
         tp = tracing.turn_published(sid, turn)  # a user turn starts its trace here
         if tp:
             fields["tp"] = tp
-        return await self.r.xadd(keys.turns(sid), fields, maxlen=self.settings.turns_stream_maxlen, approximate=True)
+        return fields
+
+    async def publish_turn(self, sid: str, turn: BaseModel) -> bytes:
+        return await self.r.xadd(
+            keys.turns(sid), self._turn_fields(sid, turn), maxlen=self.settings.turns_stream_maxlen, approximate=True
+        )
+
+    async def publish_event_and_turn(self, sid: str, event: BaseModel, turn: BaseModel) -> None:
+        """Both in one round trip (one slot: both keys carry `{sid}`): an interim transcript goes to
+        the page and, as speech heard, to the avatar worker several times a second per speaker."""
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.xadd(keys.events(sid), self._event_fields(sid, event), maxlen=self.settings.events_stream_maxlen,
+                      approximate=True)
+            pipe.xadd(keys.turns(sid), self._turn_fields(sid, turn), maxlen=self.settings.turns_stream_maxlen,
+                      approximate=True)
+            await pipe.execute()
 
     async def read_turns(
         self, sid: str, after: bytes | str, block_ms: int, count: int = 32

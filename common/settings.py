@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     job_lease_ms: int = 5000
     heartbeat_ms: int = 1000
 
+    # Audio batching: the gateway holds a frame up to this long for other sessions' frames to share
+    # its write to Redis, and the STT worker reads the audio feed at most once per this interval
+    # (times 2.5). Each bounds the latency it adds; 0 = a write per arrival and a read per wake-up.
+    audio_batch_ms: float = Field(default=2.0, ge=0, le=20)
+
     # Bounds
     audio_stream_maxlen: int = 1500  # ~30 s of 20 ms frames
     events_stream_maxlen: int = 2000

@@ -130,12 +130,18 @@ class _NodeReader:
 
     async def run(self) -> None:
         backoff = 0.05
+        loop = asyncio.get_running_loop()
+        last_read = 0.0
         try:
             while self.subs:
                 ready = {key: sub.cursor for key, sub in self.subs.items() if not sub.queue.full()}
                 if not ready:
                     await asyncio.sleep(0.005)  # every session is behind: let their engines catch up
                     continue
+                wait = last_read + self.feed.min_interval_s - loop.time()
+                if wait > 0:  # under load: let frames of more sessions gather for this read
+                    await asyncio.sleep(wait)
+                last_read = loop.time()
                 try:
                     replies = await self._read(ready)
                 except REDIS_ERRORS as exc:  # every session of this node hears it and is handed back
@@ -180,8 +186,12 @@ class _NodeReader:
 
 
 class AudioFeed:
-    def __init__(self, r: aioredis.Redis, *, block_ms: int = 100, count: int = 50, depth: int = 4) -> None:
-        """A session holds at most `depth` batches of `count` entries here (4 s of audio)."""
+    def __init__(
+        self, r: aioredis.Redis, *, block_ms: int = 100, count: int = 50, depth: int = 4, min_interval_s: float = 0.0
+    ) -> None:
+        """A session holds at most `depth` batches of `count` entries here (4 s of audio). Reads
+        start at most every `min_interval_s`: a read that returned at once (audio was waiting) is
+        not followed at once by another that would carry one frame or two."""
         # One connection per node, held by its reader and spoken to directly: the command is
         # packed by hiredis in C and the reply left raw. redis-py's Python packing of XREAD's
         # 2N arguments, and its per-entry dict building, were a fifth of the worker's CPU.
@@ -189,6 +199,7 @@ class AudioFeed:
         self._head = (b"XREAD", b"COUNT", count, b"STREAMS")
         self.block_ms = block_ms
         self.depth = depth
+        self.min_interval_s = min_interval_s
         self._readers: dict[str, _NodeReader] = {}  # node name -> its reader
         self._where: dict[str, _NodeReader] = {}  # audio stream key -> the reader it is subscribed at
         self.reads = 0  # round trips, for metrics: frames per read shows the batching

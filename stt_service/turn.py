@@ -169,6 +169,10 @@ class TurnDetector:
         self._probability(np.zeros(SAMPLE_RATE, dtype=np.float32))  # warm the kernels up
         log.info("turn model loaded from %s", path)
 
+    def wants_audio(self, text: str) -> bool:
+        """Whether `decide` would ask the model: the caller need not build the audio otherwise."""
+        return self.enabled and self._session is not None and text_verdict(text) not in ("incomplete", "complete")
+
     async def decide(self, text: str, audio: np.ndarray | None) -> Verdict:
         verdict = text_verdict(text)
         if not self.enabled:
@@ -250,10 +254,7 @@ class AudioTail:
         start_s, end_s = max(start_s, held_from), min(end_s, self.end_s)
         if end_s - start_s < FRAME_S:
             return None
-        pcm = b"".join(self.chunks)
-        lo = round((start_s - held_from) * SAMPLE_RATE) * 2
-        hi = round((end_s - held_from) * SAMPLE_RATE) * 2
-        samples = pcm16_to_float(pcm[lo:hi])
+        samples = pcm16_to_float(self._between(start_s, end_s))
         hop = round(FRAME_S * SAMPLE_RATE)
         n = len(samples) // hop
         if n == 0:
@@ -262,6 +263,22 @@ class AudioTail:
         levels = 20 * np.log10(rms + 1e-9)
         voiced = levels[levels > LEVEL_FLOOR_DB]
         return round(float(np.percentile(voiced, 90)), 1) if len(voiced) else None
+
+    def _between(self, start_s: float, end_s: float) -> bytes:
+        """The PCM held from `start_s` to `end_s`, joining only the chunks in that span (an interim's
+        level looks at its last 1.5 s several times a second: not at the whole tail each time)."""
+        parts: list[bytes] = []
+        to_s = self.end_s
+        for chunk in reversed(self.chunks):
+            from_s = to_s - len(chunk) / 2 / SAMPLE_RATE
+            if from_s < end_s and to_s > start_s:
+                lo = max(0, round((start_s - from_s) * SAMPLE_RATE) * 2)
+                hi = min(len(chunk), round((end_s - from_s) * SAMPLE_RATE) * 2)
+                parts.append(chunk[lo:hi])
+            if from_s <= start_s:
+                break
+            to_s = from_s
+        return b"".join(reversed(parts))
 
     def until(self, end_s: float) -> np.ndarray:
         """Audio up to session time `end_s` (as much of the last `keep_s` as is held)."""

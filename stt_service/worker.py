@@ -70,7 +70,7 @@ class SttWorker:
         self.turns = TurnDetector(settings)
         self.bus = Bus(r, settings)
         self.store = SessionStore(r, self.bus)
-        self.audio = AudioFeed(r)
+        self.audio = AudioFeed(r, min_interval_s=settings.audio_batch_ms * 2.5 / 1000)
         self.claims = ClaimLoop(
             r, self.store, stream=keys.JOBS_STT, group=keys.GROUP_STT, kind="stt",
             owner_field=keys.F_STT_OWNER, capacity=settings.stt_capacity,
@@ -296,13 +296,14 @@ class _Turn:
     async def interim(self, result: SttResult) -> None:
         bus, sid = self.s.w.bus, self.s.sid
         first = self.held[0] if self.held else result
-        await bus.publish_event(sid, TranscriptInterim(utterance_id=first.utterance_id, text=self.text(result.text)))
         tail = self.s.tail
         end_s = result.end_s if result.end_s > result.start_s else tail.end_s  # local interims: up to now
         speech = UserSpeech(utterance_id=first.utterance_id, text=result.text,
                             started_at=tail.received_at_ms(result.start_s),
                             level_db=tail.level_db(max(result.start_s, end_s - RECENT_LEVEL_S), end_s))
-        await bus.publish_turn(sid, speech)
+        await bus.publish_event_and_turn(
+            sid, TranscriptInterim(utterance_id=first.utterance_id, text=self.text(result.text)), speech
+        )
 
     async def segment(self, result: SttResult) -> None:
         self.held.append(result)
@@ -310,7 +311,9 @@ class _Turn:
         if result.end_s - self.held[0].start_s >= MAX_HELD_TURN_S or len(self.held) >= MAX_HELD_SEGMENTS:
             await self.flush()  # someone who talks on and on still gets an answer (and a bound)
             return
-        verdict = await self.s.w.turns.decide(text, self.s.tail.until(result.end_s + TRAILING_S))
+        turns = self.s.w.turns
+        audio = self.s.tail.until(result.end_s + TRAILING_S) if turns.wants_audio(text) else None
+        verdict = await turns.decide(text, audio)
         TURN_DECISIONS.labels(
             "complete" if verdict.complete else "incomplete", "words" if verdict.p_audio is None else "audio"
         ).inc()

@@ -90,9 +90,10 @@ async def test_sessions_spread_over_every_master_and_the_feed_reads_per_node(red
         feed = AudioFeed(client)
         queues = {sid: feed.subscribe(sid, "0") for sid in sids}
         async with asyncio.timeout(10):
-            for n in range(3):
-                for sid in sids:
-                    await store.bus.publish_audio(sid, bytes(640), f"c:{n + 1}".encode())
+            for n in range(3):  # every page's next frame at about the same time
+                await asyncio.gather(*(
+                    store.bus.publish_audio(sid, bytes(640), f"c:{n + 1}".encode()) for sid in sids
+                ))
         for queue in queues.values():
             got = 0
             while got < 3:

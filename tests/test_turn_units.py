@@ -200,3 +200,18 @@ def test_audio_tail_level_is_the_loud_part_of_a_range():
     assert abs(tail.level_db(0.0, 1.0) - -33.5) < 1.0
     assert abs(tail.level_db(0.0, 1.5) - -13.5) < 1.0  # a third of it loud: the loud part counts
     assert tail.level_db(2.0, 3.0) is None  # not heard yet
+
+
+def test_audio_tail_range_joins_only_the_chunks_it_spans():
+    tail, t, whole = AudioTail(keep_s=2.0), 0.0, b""
+    rng = np.random.default_rng(7)
+    for _ in range(60):  # uneven chunks, as the feed's batches are; older ones fall out of the tail
+        chunk = rng.integers(-3000, 3000, int(rng.integers(1, 12)) * 320, dtype="<i2").tobytes()
+        t += len(chunk) / 2 / SAMPLE_RATE
+        tail.append(chunk, t)
+        whole += chunk
+    held = whole[-tail.nbytes:]
+    held_from = tail.end_s - tail.nbytes / 2 / SAMPLE_RATE
+    for start, end in [(held_from, tail.end_s), (tail.end_s - 1.5, tail.end_s), (held_from + 0.13, held_from + 0.5)]:
+        lo, hi = round((start - held_from) * SAMPLE_RATE) * 2, round((end - held_from) * SAMPLE_RATE) * 2
+        assert tail._between(start, end) == held[lo:hi]
