@@ -176,8 +176,10 @@ class Round:
     utterances: int = 0
     missing_finals: int = 0
     missing_avatar_calls: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)  # finals the avatar worker did not answer, by reason
     duplicate_avatar_calls: int = 0
     frames_sent: int = 0
+    audio_s: float = 0.0  # seconds of audio the browsers sent
     frames_lost: int = 0  # sent by a browser, never received by the engine
     gateway_frames_dropped: float = 0.0  # the gateway's own counter (rate limit, bad frames)
     cpu_pct: dict[str, float] = field(default_factory=dict)
@@ -249,7 +251,8 @@ class Stack:
             "AVATAR_PROVIDER": "heygen", "HEYGEN_API_KEY": HEYGEN_KEY, "HEYGEN_SERVER_URL": self.heygen.url,
             "HEYGEN_AVATAR_ID": "Anna_public", "HEYGEN_TASK_TYPE": "talk", "HEYGEN_REAPER_INTERVAL_S": "0",
             "STT_CAPACITY": capacity, "AVATAR_CAPACITY": capacity, "ADMISSION_CONTROL": "false",
-            "SESSION_CREATE_RATE_PER_MIN": "0", "SESSION_IDLE_TIMEOUT_S": "600", "LOG_LEVEL": "WARNING",
+            "SESSION_CREATE_RATE_PER_MIN": "0", "SESSION_IDLE_TIMEOUT_S": "600",
+            "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),  # the services' logs go to stderr
         }
         for name in ("gateway", "stt-worker", "avatar-worker"):
             self.procs[name] = await asyncio.create_subprocess_exec(
@@ -358,7 +361,7 @@ async def run_round(stack: Stack, round_no: int, n: int, utterances: int) -> Rou
     gc.freeze()
     gc.disable()
     try:
-        await stream_all(browsers, [speech.pcm for speech, _ in scripts])
+        await stream_all(browsers, [speech.pcm for speech, _ in scripts], frame_bytes=stack.args.frame_ms * 32)
         await asyncio.gather(*(
             wait_finals(b, len(texts)) for b, (_, texts) in zip(browsers, scripts, strict=True)
         ))
@@ -443,12 +446,15 @@ def collect(stack: Stack, result: Round, round_no: int, browsers: list[BenchBrow
                     hops["final→avatar"].append(1000 * (calls[0][0] - closed.mono))
                 if final is not None:
                     hops["turn→avatar"].append(1000 * calls[0][1] - final["ts"] - 0.5)
+        for event in browser.of_type("transcript.ignored"):
+            result.ignored[event["reason"]] = result.ignored.get(event["reason"], 0) + 1
         result.frames_sent += len(browser.sent)
+        result.audio_s += (browser.sent[-1][0] if browser.sent else 0) / 32000
         arrivals = stack.deepgram.arrivals.get(conn_of.get(i, -1), [])
         received = arrivals[-1][0] if arrivals else 0
         # Frames still in flight when the page left are not lost: count those sent ≥ 1 s before.
         due = [b for b, at in browser.sent if at <= ended - 1.0]
-        result.frames_lost += max(0, due[-1] - received) // 640 if due else 0
+        result.frames_lost += max(0, due[-1] - received) // (stack.args.frame_ms * 32) if due else 0
         hops["frame→engine"].extend(frame_latencies(browser.sent, arrivals))
 
 
@@ -540,12 +546,12 @@ def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, Any]:
         cells = " | ".join(f"{r.cpu_pct.get(p, 0):5.0f}% {r.rss_idle_mb.get(p, 0):5.0f}->{r.rss_mb.get(p, 0):<5.0f}"
                            for p in PROCESSES)
         print(f"{r.sessions:8d} | {cells} | {others:5.0f}%")
-    print("\nCPU per audio frame (µs per 20 ms frame a browser sent, everything each process did in the round),")
+    print(f"\nCPU per 20 ms of audio (µs; browsers sent {args.frame_ms} ms frames; all each process did in the round),")
     print("sessions per core and memory per session (peak RSS over idle) of the stack: gateway + stt + avatar + redis")
     print(f"{'sessions':>8s} | " + " | ".join(f"{p:>13s}" for p in (*STACK, "stack", "bench"))
           + " | sessions/core | MB/session")
     for r in rounds:
-        frames = max(1, r.frames_sent)
+        frames = max(1.0, r.audio_s / 0.02)  # 20 ms units, whatever the frame size
         per_frame = {p: 1e6 * r.cpu_s.get(p, 0.0) / frames for p in (*STACK, "bench")}
         stack_us = sum(per_frame[p] for p in STACK)
         cores = sum(r.cpu_pct.get(p, 0.0) for p in STACK) / 100
@@ -556,12 +562,13 @@ def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, Any]:
     for r in rounds:
         if r.missing_finals or r.missing_avatar_calls or r.duplicate_avatar_calls or r.gateway_frames_dropped:
             print(f"  !! {r.sessions} sessions: {r.missing_finals} finals and {r.missing_avatar_calls} avatar calls "
-                  f"missing, {r.duplicate_avatar_calls} duplicated, {r.gateway_frames_dropped:.0f} frames dropped")
+                  f"missing, {r.duplicate_avatar_calls} duplicated, {r.gateway_frames_dropped:.0f} frames dropped; "
+                  f"finals the avatar worker ignored: {r.ignored or 'none'}")
     out = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"redis": args.redis, "cluster_masters": args.cluster_masters,
                      "cluster_replicas": args.cluster_replicas, "utterances": args.utterances,
-                     "budget_ms": args.budget_ms,
+                     "budget_ms": args.budget_ms, "frame_ms": args.frame_ms,
                      "deepgram_ms": args.deepgram_ms, "avatar_ms": args.avatar_ms},
         "rounds": [r.summary() for r in rounds],
     }
@@ -589,6 +596,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="one Redis, or a Redis Cluster started on this machine (the same cores)")
     parser.add_argument("--cluster-masters", type=int, default=3, help="masters of --redis cluster")
     parser.add_argument("--cluster-replicas", type=int, default=0, help="replicas per master of --redis cluster")
+    parser.add_argument("--frame-ms", type=int, default=20, choices=(20, 40, 60, 100),
+                        help="audio per WebSocket message a browser sends (the page sends 20 ms)")
     parser.add_argument("--json", help="write the results to this file too")
     return parser
 

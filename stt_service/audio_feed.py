@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import hiredis
 import redis.asyncio as aioredis
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 READS = Counter("stt_audio_reads_total", "XREADs of the audio feed (stt_audio_frames_total / this = batching)")
 
 CLUSTER_WAIT_MS = 20  # see _NodeReader._read
+IDLE_TICK_S = 0.5  # a session without audio this long gets an empty batch (see _tick_idle)
 
 # (entry id, first field name, its value, `seq` or None): audio entries are `pcm` (+ `seq`) or `end`.
 Entries = list[tuple[bytes, bytes, bytes, bytes | None]]
@@ -53,6 +55,7 @@ class _Subscription:
         self.cursor = cursor
         self.slot = slot
         self.queue: asyncio.Queue[Entries | BaseException] = asyncio.Queue(depth)
+        self.last_put = time.monotonic()
 
 
 class _NodeReader:
@@ -131,7 +134,7 @@ class _NodeReader:
     async def run(self) -> None:
         backoff = 0.05
         loop = asyncio.get_running_loop()
-        last_read = 0.0
+        last_read = last_ticks = 0.0
         try:
             while self.subs:
                 ready = {key: sub.cursor for key, sub in self.subs.items() if not sub.queue.full()}
@@ -158,6 +161,9 @@ class _NodeReader:
                 backoff = 0.05
                 for reply in replies:
                     self._deliver(reply)
+                if last_read - last_ticks >= IDLE_TICK_S / 5:
+                    last_ticks = last_read
+                    self._tick_idle()
         finally:
             if self.feed._readers.get(self.name) is self and not self.subs:
                 del self.feed._readers[self.name]
@@ -177,6 +183,16 @@ class _NodeReader:
                 for entry_id, fields in entries if fields
             ]
             sub.queue.put_nowait(batch)  # it had room when the read began, and only we put
+            sub.last_put = time.monotonic()
+
+    def _tick_idle(self) -> None:
+        """An empty batch to each session that got nothing for IDLE_TICK_S: its pump waits on its
+        queue without a timer of its own per wait, and still learns that the page went quiet."""
+        now = time.monotonic()
+        for sub in self.subs.values():
+            if now - sub.last_put >= IDLE_TICK_S and not sub.queue.full():
+                sub.queue.put_nowait([])
+                sub.last_put = now
 
     def _fail_all(self, exc: BaseException) -> None:
         log.warning("audio feed read from %s failed: %s", self.name, exc)

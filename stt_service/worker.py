@@ -41,8 +41,7 @@ from stt_service.turn import TRAILING_S, AudioTail, TurnDetector
 
 log = logging.getLogger(__name__)
 
-READ_BLOCK_MS = 500
-FINALIZE_AFTER_IDLE_READS = 2  # ~1 s without audio: the browser paused or stopped sending
+FINALIZE_AFTER_IDLE_READS = 2  # empty batches (IDLE_TICK_S each): ~1 s without audio, the page paused or left
 CLOSE_TIMEOUT_S = 10.0
 MAX_STREAM_RESTARTS = 5
 RESTART_BACKOFF = Backoff(base_s=0.5, max_s=8.0)  # an engine stream that failed is reopened after this
@@ -156,7 +155,7 @@ class _SttSession:
         t = self.cursor_t
         idle_reads, sent_since_finalize = 0, False
         while True:
-            entries = await _get(queue, READ_BLOCK_MS / 1000)
+            entries = await queue.get()  # an empty batch every IDLE_TICK_S while the page is quiet
             if isinstance(entries, BaseException):
                 raise entries  # the feed's Redis read failed: hand the session back
             if not entries:
@@ -362,14 +361,3 @@ class _Turn:
                     self._timer = None
                     await self.flush()
                     return
-
-
-async def _get(queue: asyncio.Queue, timeout_s: float):
-    """The next item, or None after `timeout_s`; no timer at all when one is already waiting."""
-    if not queue.empty():
-        return queue.get_nowait()
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await queue.get()
-    except TimeoutError:
-        return None
