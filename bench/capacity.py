@@ -166,6 +166,34 @@ def ws_header(nbytes: int) -> bytes:
     return bytes((0x82, 0x80 | 126)) + nbytes.to_bytes(2, "big") + bytes(4)
 
 
+async def relay_avatar_events(heygen: BenchHeyGen, browsers: list[BenchBrowser], every_s: float = 0.1) -> None:
+    """What a page does for HeyGen: relay the vendor's LiveKit data-channel events
+    (`avatar_start_talking` / `avatar_stop_talking`) up its socket, so each reply ends when the
+    avatar stopped talking, not at the driver's fallback deadline (after which the next utterance
+    would be taken as speech over the avatar). One loop for every page."""
+    relayed: dict[str, int] = {}
+    vendor_of: dict[int, str] = {}  # page -> its vendor session (from the token its session.ready names)
+    while True:
+        for browser in browsers:
+            vendor_id = vendor_of.get(id(browser))
+            if vendor_id is None:
+                ready = next((e for e in browser.events if e.get("type") == "session.ready"), None)
+                token = (ready or {}).get("livekit", {}).get("token")
+                vendor_id = heygen.by_access_token(token) if token else None
+                if vendor_id is None:
+                    continue
+                vendor_of[id(browser)] = vendor_id
+            if browser.closed:
+                continue
+            events = heygen.channel(vendor_id)
+            for event in events[relayed.get(vendor_id, 0):]:
+                data = {k: v for k, v in event.items() if k != "type"}
+                with contextlib.suppress(Exception):  # the page left meanwhile
+                    await browser.send_json({"type": "avatar.event", "event": event["type"], **data})
+            relayed[vendor_id] = len(events)
+        await asyncio.sleep(every_s)
+
+
 # --- one round ------------------------------------------------------------------------------
 
 
@@ -354,6 +382,7 @@ async def run_round(stack: Stack, round_no: int, n: int, utterances: int) -> Rou
     await asyncio.gather(*(b.connect() for b in browsers))
     expected = n * utterances
     sampler = asyncio.create_task(sample(stack, result, browsers, expected))
+    relay = asyncio.create_task(relay_avatar_events(stack.heygen, browsers))
     cpu_before, started = stack.cpu(), time.monotonic()
     # This process stamps both ends of every hop: a full collection of its (large) heap would
     # stall its loop for tens of ms and be counted as pipeline latency. Collect between rounds.
@@ -370,7 +399,8 @@ async def run_round(stack: Stack, round_no: int, n: int, utterances: int) -> Rou
         result.seconds = round(time.monotonic() - started, 1)
         cpu_after = stack.cpu()
         sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+        relay.cancel()
+        await asyncio.gather(sampler, relay, return_exceptions=True)
         result.cpu_pct = {k: round(100 * (cpu_after[k] - cpu_before[k]) / result.seconds, 1) for k in cpu_after}
         result.cpu_s = {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after}
         ended = time.monotonic()
