@@ -158,6 +158,19 @@ async def stream_all(browsers: list[BenchBrowser], pcms: list[bytes], frame_byte
             await asyncio.sleep(delay)
 
 
+def machine_ms(repeat: int = 5) -> float:
+    """The best of `repeat` runs of a fixed pure-Python loop (ms). A shared or throttled machine
+    runs the same code slower from one hour to the next: rounds are comparable where this is."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        total = 0
+        for i in range(200_000):
+            total += i * i % 7
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 2)
+
+
 def ws_header(nbytes: int) -> bytes:
     """The head of a client's binary WebSocket frame (RFC 6455 5.2) of `nbytes` < 64 KiB: FIN and
     opcode 2, the masked bit with a 16-bit length, and a zero masking key, so the payload is sent
@@ -216,6 +229,7 @@ class Round:
     rss_idle_mb: dict[str, float] = field(default_factory=dict)  # before the round's sessions existed
     breakdown_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # from the services' histograms
     loop_lag_p99_ms: float = 0.0
+    machine_ms: float = 0.0  # a fixed pure-Python workload's time, just before the round (see `machine_ms`)
     seconds: float = 0.0
 
     def p(self, hop: str, q: float) -> float:
@@ -373,7 +387,7 @@ async def run_round(stack: Stack, round_no: int, n: int, utterances: int) -> Rou
     rng = random.Random(round_no)
     cycle_s = len(WORDS) * 0.4 + 0.3 + PAUSE_S
     scripts = [script(round_no, i, utterances, rng.uniform(0.0, cycle_s)) for i in range(n)]
-    result = Round(n, rss_idle_mb={k: round(v, 1) for k, v in stack.rss().items()})
+    result = Round(n, rss_idle_mb={k: round(v, 1) for k, v in stack.rss().items()}, machine_ms=machine_ms())
     metrics_before = await stack.metrics()
     sessions = []
     for _ in range(n):  # one after another, as users arrive; gather would only measure the REST API
@@ -513,6 +527,13 @@ async def bench(args: argparse.Namespace) -> list[Round]:
     rounds: list[Round] = []
     async with Stack(args) as stack:
         round_no = 0
+        if args.warmup:
+            # Not reported: a fresh stack's first sessions also pay for first-time work (code paths
+            # run for the first time, connection pools and Redis memory growing), which would make
+            # whichever round comes first look slower than it is.
+            print(f"  warm-up: {args.warmup} sessions x 1 utterance ...", file=sys.stderr)
+            await run_round(stack, 0, args.warmup, 1)
+            await asyncio.sleep(2.0)
 
         async def one(n: int) -> Round:
             nonlocal round_no
@@ -588,7 +609,7 @@ def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, Any]:
         mb = sum(r.rss_mb.get(p, 0.0) - r.rss_idle_mb.get(p, 0.0) for p in STACK) / max(1, r.sessions)
         cells = " | ".join(f"{per_frame[p]:10.1f} µs" for p in STACK)
         print(f"{r.sessions:8d} | {cells} | {stack_us:10.1f} µs | {per_frame['bench']:10.1f} µs | "
-              f"{r.sessions / cores if cores else 0:13.0f} | {mb:10.2f}")
+              f"{r.sessions / cores if cores else 0:13.0f} | {mb:10.2f} | machine {r.machine_ms} ms")
     for r in rounds:
         if r.missing_finals or r.missing_avatar_calls or r.duplicate_avatar_calls or r.gateway_frames_dropped:
             print(f"  !! {r.sessions} sessions: {r.missing_finals} finals and {r.missing_avatar_calls} avatar calls "
@@ -626,6 +647,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="one Redis, or a Redis Cluster started on this machine (the same cores)")
     parser.add_argument("--cluster-masters", type=int, default=3, help="masters of --redis cluster")
     parser.add_argument("--cluster-replicas", type=int, default=0, help="replicas per master of --redis cluster")
+    parser.add_argument("--warmup", type=int, default=20, help="sessions of an unreported first round (0: none)")
     parser.add_argument("--frame-ms", type=int, default=20, choices=(20, 40, 60, 100),
                         help="audio per WebSocket message a browser sends (the page sends 20 ms)")
     parser.add_argument("--json", help="write the results to this file too")
