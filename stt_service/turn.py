@@ -214,6 +214,36 @@ class TurnDetector:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class Quiet:
+    """How long the audio has been quiet since the last voice, relative to the voice heard: a
+    frame is quiet when it is `below_db` under the loudest recent speech (or under `floor_db`), so
+    a steady room noise counts as quiet once someone has spoken over it. Cheap: one RMS per batch.
+
+    Deepgram decides the end of speech on its side (its endpointing, a round trip away); this lets
+    the STT worker ask the turn model as soon as the user has been quiet for a moment, and send
+    `Finalize` when the turn is complete."""
+
+    def __init__(self, below_db: float = 20.0, floor_db: float = -75.0, decay_db_per_s: float = 2.5) -> None:
+        self.below_db = below_db
+        self.floor_db = floor_db
+        self.decay_db_per_s = decay_db_per_s
+        self.peak_db = float("-inf")
+        self.quiet_s = 0.0
+
+    def feed(self, pcm: bytes) -> float:
+        """Take the next audio; returns the seconds of quiet up to its end."""
+        seconds = len(pcm) / 2 / SAMPLE_RATE
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
+        level = 20 * np.log10(np.sqrt(np.mean(samples * samples)) / 32768 + 1e-9) if len(samples) else -200.0
+        self.peak_db -= self.decay_db_per_s * seconds
+        if level > max(self.peak_db - self.below_db, self.floor_db):
+            self.peak_db = max(self.peak_db, level)
+            self.quiet_s = 0.0
+        else:
+            self.quiet_s += seconds
+        return self.quiet_s
+
+
 class AudioTail:
     """The last few seconds of a session's audio, by session time, for the turn model.
 

@@ -37,7 +37,7 @@ from common.settings import Settings
 from common.worker import ClaimLoop
 from stt_service.audio_feed import AudioFeed
 from stt_service.engine import SttEngine, SttError, SttResult, SttStream
-from stt_service.turn import TRAILING_S, AudioTail, TurnDetector
+from stt_service.turn import TRAILING_S, AudioTail, Quiet, TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ RESULTS = Counter("stt_results_total", "Results published", ["kind"])  # interim
 ENGINE_ERRORS = Counter("stt_engine_errors_total", "Speech engine errors", ["code"])
 TURN_DECISIONS = Counter(
     "stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict", "by"]  # by: words | audio
+)
+EARLY_FINALIZES = Counter(
+    "stt_early_finalize_total", "Finalize sent because the user went quiet and the turn model judged the turn complete"
 )
 
 
@@ -122,6 +125,9 @@ class _SttSession:
         self._last_seq: tuple[bytes, int] | None = None  # (socket id, frame number) of the last frame
         self.tail = AudioTail()  # the turn model's input
         self.turn = _Turn(self)
+        # Engines that endpoint on their side (Deepgram) are asked to finalize as soon as the user
+        # is quiet and the turn is complete, instead of waiting for their endpointing.
+        self.quiet = Quiet() if getattr(worker.engine, "finalizes_on_request", False) and worker.turns.enabled else None
 
     async def run(self) -> None:
         pump = asyncio.create_task(self._pump_guarded())
@@ -186,6 +192,8 @@ class _SttSession:
                 pcm = b"".join(chunks)
                 self.tail.append(pcm, t)
                 await self.stream.send(pcm)
+                if self.quiet is not None and self.quiet.feed(pcm) >= EARLY_FINALIZE_QUIET_S:
+                    self.turn.finalize_if_complete()
                 sent_since_finalize = True
                 AUDIO_FRAMES.inc(len(chunks))
                 AUDIO_TO_ENGINE.observe(entry_age_s(last_id))
@@ -265,6 +273,7 @@ class _SttSession:
 
 
 RECENT_LEVEL_S = 1.5  # an interim's level is that of its latest audio: who is speaking now
+EARLY_FINALIZE_QUIET_S = 0.25  # quiet this long after words: ask the turn model, Finalize if complete
 MAX_HELD_TURN_S = 30.0  # a turn held across pauses ends at this length whatever its words say
 MAX_HELD_SEGMENTS = 16
 
@@ -285,6 +294,9 @@ class _Turn:
         self.heard_at = 0.0  # monotonic time of the last onset, interim or segment
         self.lock = asyncio.Lock()  # the results loop and the wait timer both publish
         self._timer: asyncio.Task[None] | None = None
+        self.last_interim: SttResult | None = None  # words of the open segment, not yet final
+        self._judged: str | None = None  # the interim text last judged for an early Finalize
+        self._finalizer: asyncio.Task[None] | None = None
 
     def heard(self) -> None:
         self.heard_at = time.monotonic()
@@ -293,6 +305,7 @@ class _Turn:
         return " ".join(part for part in [*(r.text for r in self.held), extra] if part)
 
     async def interim(self, result: SttResult) -> None:
+        self.last_interim = result
         bus, sid = self.s.w.bus, self.s.sid
         first = self.held[0] if self.held else result
         tail = self.s.tail
@@ -305,6 +318,7 @@ class _Turn:
         )
 
     async def segment(self, result: SttResult) -> None:
+        self.last_interim = None
         self.held.append(result)
         text = self.text()
         if result.end_s - self.held[0].start_s >= MAX_HELD_TURN_S or len(self.held) >= MAX_HELD_SEGMENTS:
@@ -340,6 +354,26 @@ class _Turn:
         await self.s._publish_final(held)
         await self.s._checkpoint(held[-1].end_s)
 
+    def finalize_if_complete(self) -> None:
+        """The user went quiet after words the engine has not finalized: judge the turn so far
+        (once per interim text) and, if it is complete, have the engine finalize now."""
+        interim = self.last_interim
+        if interim is None or interim.text == self._judged or not interim.text.strip():
+            return
+        if self._finalizer is not None and not self._finalizer.done():
+            return
+        self._judged = interim.text
+        self._finalizer = asyncio.create_task(self._finalize_if_complete(interim))
+
+    async def _finalize_if_complete(self, interim: SttResult) -> None:
+        turns, tail = self.s.w.turns, self.s.tail
+        text = self.text(interim.text)
+        audio = tail.until(tail.end_s) if turns.wants_audio(text) else None
+        verdict = await turns.decide(text, audio)
+        if verdict.complete and self.last_interim is interim:  # no newer words meanwhile
+            EARLY_FINALIZES.inc()
+            await self.s.stream.finalize()
+
     def arm(self) -> None:
         if self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._wait())
@@ -348,6 +382,9 @@ class _Turn:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
         self._timer = None
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+            self._finalizer = None
 
     async def _wait(self) -> None:
         """A held turn waits until `turn_max_wait_s` has passed since the user was last heard (an

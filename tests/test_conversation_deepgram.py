@@ -86,3 +86,39 @@ async def test_deepgram_words_over_the_avatar_stop_it(deepgram: tuple[FakeDeepgr
     assert paused is not None and stopped is not None and stopped["reply_id"] == started["reply_id"]
     answer = await dg_room.next("avatar.reply", mark, 30)
     assert answer is not None and "scale" in answer["text"].lower()
+
+
+async def test_deepgram_is_finalized_once_a_quiet_user_has_finished(redis_url: str):
+    """Deepgram's own endpointing set to 3 s: a complete question is still closed a moment after
+    the user goes quiet (the worker sends `Finalize`), an unfinished phrase is not."""
+    async with FakeDeepgram(DEEPGRAM_KEY) as fake, deepgram_stack(
+        redis_url, fake, key=DEEPGRAM_KEY, DEEPGRAM_ENDPOINTING_MS="3000"
+    ) as stack:
+        async for room in open_room(stack):
+            mark = len(room.events)
+            await said(room, Speech().say("so i was wondering,").pcm)
+            held = await room.next("transcript.interim", mark, 30, lambda e: "wondering," in e.get("text", ""))
+            assert held is not None
+            conn = fake.connections[-1]
+            # Its final came from Deepgram's own end of speech (endpointing or UtteranceEnd), not
+            # from an early Finalize.
+            await _until(lambda c=conn: bool(c.sent_of("UtteranceEnd")) or any(
+                m.get("speech_final") for m in c.sent_of("Results")), 30)
+            assert "Finalize" not in conn.controls
+            assert not since(room, mark, "avatar.reply")  # held: the sentence goes on
+
+            await said(room, Speech().say("what is redis?").pcm)
+            answer = await room.next("avatar.reply", mark, 30)
+            assert answer is not None
+            assert "Finalize" in conn.controls
+            closing = [m for m in conn.sent_of("Results") if m.get("from_finalize")]
+            assert closing and "redis?" in closing[-1]["channel"]["alternatives"][0]["transcript"]
+            final = next(e for e in since(room, mark, "transcript.final"))
+            assert final["text"].startswith("so i was wondering,") and final["text"].endswith("what is redis?")
+
+
+async def _until(check, timeout_s: float) -> None:
+    """Poll what the fake recorded (it has no event to wait on)."""
+    async with asyncio.timeout(timeout_s):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)

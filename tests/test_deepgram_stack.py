@@ -27,11 +27,11 @@ LEASE_MS = 3000  # conftest's JOB_LEASE_MS: how long a killed worker's sessions 
 
 
 @contextlib.asynccontextmanager
-async def deepgram_stack(redis_url: str, fake: FakeDeepgram, *, key: str = KEY) -> AsyncIterator[Stack]:
+async def deepgram_stack(redis_url: str, fake: FakeDeepgram, *, key: str = KEY, **env: str) -> AsyncIterator[Stack]:
     """Gateway + STT worker (Deepgram, pointed at `fake`) + local avatar worker, as processes."""
     stack = await asyncio.to_thread(
         start_stack, redis_url,
-        STT_PROVIDER="deepgram", DEEPGRAM_API_KEY=key, DEEPGRAM_URL=fake.url, AVATAR_PROVIDER="local",
+        STT_PROVIDER="deepgram", DEEPGRAM_API_KEY=key, DEEPGRAM_URL=fake.url, AVATAR_PROVIDER="local", **env,
     )
     try:
         yield stack

@@ -147,6 +147,7 @@ class DeepgramEngine:
     """`SttEngine` for Deepgram live: one socket per open session stream."""
 
     name = "deepgram"
+    finalizes_on_request = True  # `Finalize` closes the utterance now (the worker's early end of turn)
 
     def __init__(
         self,
