@@ -4,7 +4,7 @@ A page says 8 complete questions, one at a time, through the real gateway, STT w
 provider) and avatar worker; each is timed from its last audio frame leaving the page to its
 final arriving there. The fake answers `Finalize` at once and ends an utterance exactly
 `DEEPGRAM_ENDPOINTING_MS` after its last word, so the figure is what the STT worker waits for:
-Deepgram's endpoint, or its own early `Finalize` (the user quiet for 0.25 s and the turn complete).
+Deepgram's endpoint, or its own early `Finalize` (the user quiet for 0.25 s after a finished question).
 
     python -m bench.deepgram_turn_end --endpointing 300,800
 """
@@ -28,7 +28,7 @@ QUESTIONS = ("what is redis?", "how does it scale?", "can it run offline?", "whi
 
 async def one(redis_url: str, endpointing_ms: int) -> list[float]:
     async with FakeDeepgram(KEY) as fake, deepgram_stack(
-        redis_url, fake, key=KEY, DEEPGRAM_ENDPOINTING_MS=str(endpointing_ms)
+        redis_url, fake, key=KEY, DEEPGRAM_ENDPOINTING_MS=str(endpointing_ms), DEEPGRAM_EARLY_FINALIZE="true"
     ) as stack:
         async for room in open_room(stack):
             waits = []

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     deepgram_url: str = "wss://api.deepgram.com/v1/listen"
     deepgram_model: str = "nova-3"
     deepgram_endpointing_ms: int = Field(default=300, ge=10)
+    # Finalize as soon as the user is quiet after a finished question (not waiting for Deepgram's
+    # endpoint). Off by default: it cuts the avatar's echoed speech into short finals that the echo
+    # guard then takes for the user (tests/test_conversation_deepgram.py, echo test).
+    deepgram_early_finalize: bool = False
     deepgram_utterance_end_ms: int = Field(default=1000, ge=1000)
     deepgram_keyterms: str = Field(default="", description="comma-separated key terms (Nova-3)")
     # Audio held per session for a replay after a reconnect, and the most that waits while

@@ -37,7 +37,7 @@ from common.settings import Settings
 from common.worker import ClaimLoop
 from stt_service.audio_feed import AudioFeed
 from stt_service.engine import SttEngine, SttError, SttResult, SttStream
-from stt_service.turn import TRAILING_S, AudioTail, Quiet, TurnDetector
+from stt_service.turn import TRAILING_S, AudioTail, Quiet, TurnDetector, text_verdict
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class _SttSession:
         self.turn = _Turn(self)
         # Engines that endpoint on their side (Deepgram) are asked to finalize as soon as the user
         # is quiet and the turn is complete, instead of waiting for their endpointing.
-        self.quiet = Quiet() if getattr(worker.engine, "finalizes_on_request", False) and worker.turns.enabled else None
+        early = worker.settings.deepgram_early_finalize and getattr(worker.engine, "finalizes_on_request", False)
+        self.quiet = Quiet() if early and worker.turns.enabled else None
 
     async def run(self) -> None:
         pump = asyncio.create_task(self._pump_guarded())
@@ -366,11 +367,10 @@ class _Turn:
         self._finalizer = asyncio.create_task(self._finalize_if_complete(interim))
 
     async def _finalize_if_complete(self, interim: SttResult) -> None:
-        turns, tail = self.s.w.turns, self.s.tail
-        text = self.text(interim.text)
-        audio = tail.until(tail.end_s) if turns.wants_audio(text) else None
-        verdict = await turns.decide(text, audio)
-        if verdict.complete and self.last_interim is interim:  # no newer words meanwhile
+        # Only where the words alone are sure (a question): a statement's pause is left to the
+        # engine's own endpoint, so the avatar's echoed sentences are not cut into short finals
+        # that its echo guard would find harder to recognise.
+        if text_verdict(self.text(interim.text)) == "complete" and self.last_interim is interim:
             EARLY_FINALIZES.inc()
             await self.s.stream.finalize()
 

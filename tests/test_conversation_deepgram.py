@@ -92,7 +92,7 @@ async def test_deepgram_is_finalized_once_a_quiet_user_has_finished(redis_url: s
     """Deepgram's own endpointing set to 3 s: a complete question is still closed a moment after
     the user goes quiet (the worker sends `Finalize`), an unfinished phrase is not."""
     async with FakeDeepgram(DEEPGRAM_KEY) as fake, deepgram_stack(
-        redis_url, fake, key=DEEPGRAM_KEY, DEEPGRAM_ENDPOINTING_MS="3000"
+        redis_url, fake, key=DEEPGRAM_KEY, DEEPGRAM_ENDPOINTING_MS="3000", DEEPGRAM_EARLY_FINALIZE="true"
     ) as stack:
         async for room in open_room(stack):
             mark = len(room.events)
