@@ -4,8 +4,8 @@ The gateway publishes one audio frame per browser every 20 ms. One command per f
 socket write, one wake-up and redis-py's per-command bookkeeping per frame, which the profile
 showed as the gateway's largest cost. Here every XADD issued while a batch is in flight waits in
 a queue and the next batch carries all of them: one write and one read per batch, whatever the
-number of sessions. Each caller still awaits its own entry id (so a session's frames stay in order and its errors reach
-it), and a batch never exceeds `max_batch` commands.
+number of sessions. Each caller still awaits its own entry id (so a session's frames stay in
+order and its errors reach it), and a batch never exceeds `max_batch` commands.
 
 Coalescing (`linger_s`, AUDIO_BATCH_MS): the first frame of a batch waits that long for others
 before it goes, so under load one write carries tens of frames instead of one or two (the
@@ -137,11 +137,6 @@ class PipelinedXadd:
         except BaseException:
             await conn.disconnect()  # replies may still be on their way: never reuse it mid-batch
             raise
-
-    async def aclose(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self.r.connection_pool.release(conn)
 
     async def _flush(self, queue: deque[tuple[str, dict[str, Any], int, asyncio.Future[bytes]]]) -> None:
         if self.linger_s:

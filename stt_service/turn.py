@@ -220,8 +220,8 @@ class Quiet:
     a steady room noise counts as quiet once someone has spoken over it. Cheap: one RMS per batch.
 
     Deepgram decides the end of speech on its side (its endpointing, a round trip away); this lets
-    the STT worker ask the turn model as soon as the user has been quiet for a moment, and send
-    `Finalize` when the turn is complete."""
+    the STT worker send `Finalize` as soon as the user has been quiet for a moment after a finished
+    question (DEEPGRAM_EARLY_FINALIZE)."""
 
     def __init__(self, below_db: float = 20.0, floor_db: float = -75.0, decay_db_per_s: float = 2.5) -> None:
         self.below_db = below_db

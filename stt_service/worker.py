@@ -60,7 +60,7 @@ TURN_DECISIONS = Counter(
     "stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict", "by"]  # by: words | audio
 )
 EARLY_FINALIZES = Counter(
-    "stt_early_finalize_total", "Finalize sent because the user went quiet and the turn model judged the turn complete"
+    "stt_early_finalize_total", "Finalize sent because the user went quiet after a finished question"
 )
 
 
@@ -125,8 +125,8 @@ class _SttSession:
         self._last_seq: tuple[bytes, int] | None = None  # (socket id, frame number) of the last frame
         self.tail = AudioTail()  # the turn model's input
         self.turn = _Turn(self)
-        # Engines that endpoint on their side (Deepgram) are asked to finalize as soon as the user
-        # is quiet and the turn is complete, instead of waiting for their endpointing.
+        # Engines that endpoint on their side (Deepgram) may be asked to finalize as soon as the user
+        # is quiet after a finished question, instead of waiting for their endpointing.
         early = worker.settings.deepgram_early_finalize and getattr(worker.engine, "finalizes_on_request", False)
         self.quiet = Quiet() if early and worker.turns.enabled else None
 
@@ -194,7 +194,7 @@ class _SttSession:
                 self.tail.append(pcm, t)
                 await self.stream.send(pcm)
                 if self.quiet is not None and self.quiet.feed(pcm) >= EARLY_FINALIZE_QUIET_S:
-                    self.turn.finalize_if_complete()
+                    await self.turn.finalize_if_complete()
                 sent_since_finalize = True
                 AUDIO_FRAMES.inc(len(chunks))
                 AUDIO_TO_ENGINE.observe(entry_age_s(last_id))
@@ -274,7 +274,7 @@ class _SttSession:
 
 
 RECENT_LEVEL_S = 1.5  # an interim's level is that of its latest audio: who is speaking now
-EARLY_FINALIZE_QUIET_S = 0.25  # quiet this long after words: ask the turn model, Finalize if complete
+EARLY_FINALIZE_QUIET_S = 0.25  # quiet this long after a finished question: Finalize
 MAX_HELD_TURN_S = 30.0  # a turn held across pauses ends at this length whatever its words say
 MAX_HELD_SEGMENTS = 16
 
@@ -297,7 +297,6 @@ class _Turn:
         self._timer: asyncio.Task[None] | None = None
         self.last_interim: SttResult | None = None  # words of the open segment, not yet final
         self._judged: str | None = None  # the interim text last judged for an early Finalize
-        self._finalizer: asyncio.Task[None] | None = None
 
     def heard(self) -> None:
         self.heard_at = time.monotonic()
@@ -355,22 +354,16 @@ class _Turn:
         await self.s._publish_final(held)
         await self.s._checkpoint(held[-1].end_s)
 
-    def finalize_if_complete(self) -> None:
-        """The user went quiet after words the engine has not finalized: judge the turn so far
-        (once per interim text) and, if it is complete, have the engine finalize now."""
+    async def finalize_if_complete(self) -> None:
+        """The user went quiet after words the engine has not finalized: if they are a finished
+        question (judged once per interim text), have the engine finalize now. Only where the
+        words alone are sure: a statement's pause is left to the engine's own endpoint, so the
+        avatar's echoed sentences are not cut into short finals its echo guard would miss."""
         interim = self.last_interim
-        if interim is None or interim.text == self._judged or not interim.text.strip():
-            return
-        if self._finalizer is not None and not self._finalizer.done():
+        if interim is None or interim.text == self._judged:
             return
         self._judged = interim.text
-        self._finalizer = asyncio.create_task(self._finalize_if_complete(interim))
-
-    async def _finalize_if_complete(self, interim: SttResult) -> None:
-        # Only where the words alone are sure (a question): a statement's pause is left to the
-        # engine's own endpoint, so the avatar's echoed sentences are not cut into short finals
-        # that its echo guard would find harder to recognise.
-        if text_verdict(self.text(interim.text)) == "complete" and self.last_interim is interim:
+        if text_verdict(self.text(interim.text)) == "complete":
             EARLY_FINALIZES.inc()
             await self.s.stream.finalize()
 
@@ -382,9 +375,6 @@ class _Turn:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
         self._timer = None
-        if self._finalizer is not None:
-            self._finalizer.cancel()
-            self._finalizer = None
 
     async def _wait(self) -> None:
         """A held turn waits until `turn_max_wait_s` has passed since the user was last heard (an
