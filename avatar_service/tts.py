@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import cast
@@ -47,6 +48,9 @@ _PUT_POLL_S = 0.1
 _DONE = object()
 _voices: dict[tuple[str, str], tuple[PiperVoice, threading.Lock]] = {}
 _voices_lock = threading.Lock()
+# Synthesis threads still running: a process must not exit under one (onnxruntime aborts the
+# interpreter's shutdown with "terminate called without an active exception").
+_running: set[threading.Thread] = set()
 
 
 def _load_voice(model: Path, config: Path) -> tuple[PiperVoice, threading.Lock]:
@@ -170,7 +174,14 @@ class PiperTts:
                 log.exception("piper synthesis failed")
                 deliver(exc)
 
-        thread = threading.Thread(target=produce, name="piper-tts", daemon=True)
+        def run() -> None:
+            try:
+                produce()
+            finally:
+                _running.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name="piper-tts", daemon=True)
+        _running.add(thread)
         thread.start()
         chunk_bytes = max(2, self.sample_rate * chunk_ms // 1000 * 2)
         target = min(chunk_bytes, max(2, self.sample_rate * FIRST_CHUNK_MS // 1000 * 2))
@@ -198,3 +209,12 @@ class PiperTts:
         finally:
             stop.set()
             room.release()  # wake a producer waiting for room at once
+
+
+def wait_for_synthesis(timeout_s: float) -> int:
+    """Wait (blocking, at most `timeout_s`) for synthesis threads to finish their sentence; a
+    stopped stream's thread ends after the sentence in progress. Returns how many still run."""
+    deadline = time.monotonic() + timeout_s
+    for thread in list(_running):
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return len(_running)

@@ -6,7 +6,7 @@ final arriving there. The fake answers `Finalize` at once and ends an utterance 
 `DEEPGRAM_ENDPOINTING_MS` after its last word, so the figure is what the STT worker waits for:
 Deepgram's endpoint, or its own early `Finalize` (the user quiet for 0.25 s after a finished question).
 
-    python -m bench.deepgram_turn_end --endpointing 300,800
+    python -m bench.deepgram_turn_end --endpointing 300,800 [--early-finalize false]
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ QUESTIONS = ("what is redis?", "how does it scale?", "can it run offline?", "whi
              "who wrote it?", "is it free?", "where does it run?", "what is livekit?")
 
 
-async def one(redis_url: str, endpointing_ms: int) -> list[float]:
+async def one(redis_url: str, endpointing_ms: int, early: str) -> list[float]:
     async with FakeDeepgram(KEY) as fake, deepgram_stack(
-        redis_url, fake, key=KEY, DEEPGRAM_ENDPOINTING_MS=str(endpointing_ms), DEEPGRAM_EARLY_FINALIZE="true"
+        redis_url, fake, key=KEY, DEEPGRAM_ENDPOINTING_MS=str(endpointing_ms), DEEPGRAM_EARLY_FINALIZE=early
     ) as stack:
         async for room in open_room(stack):
             waits = []
@@ -43,13 +43,14 @@ async def one(redis_url: str, endpointing_ms: int) -> list[float]:
     raise AssertionError("the room did not open")
 
 
-async def main(endpointings: list[int]) -> None:
+async def main(endpointings: list[int], early: str) -> None:
     port = free_port()
     redis = start_redis(redis_binary() or "redis-server", port)
     try:
         for endpointing_ms in endpointings:
-            waits = await one(f"redis://127.0.0.1:{port}/0", endpointing_ms)
-            print(f"DEEPGRAM_ENDPOINTING_MS={endpointing_ms}: speech end -> transcript.final "
+            waits = await one(f"redis://127.0.0.1:{port}/0", endpointing_ms, early)
+            print(f"DEEPGRAM_ENDPOINTING_MS={endpointing_ms} DEEPGRAM_EARLY_FINALIZE={early}: "
+                  f"speech end -> transcript.final "
                   f"median {statistics.median(waits):.0f} ms, max {max(waits):.0f} ms (n={len(waits)})")
     finally:
         redis.terminate()
@@ -58,4 +59,7 @@ async def main(endpointings: list[int]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--endpointing", default="300,800", help="comma-separated DEEPGRAM_ENDPOINTING_MS values")
-    asyncio.run(main([int(v) for v in parser.parse_args().endpointing.split(",")]))
+    parser.add_argument("--early-finalize", choices=("true", "false"), default="true",
+                        help="DEEPGRAM_EARLY_FINALIZE (false: wait for Deepgram's endpoint, the 'before')")
+    args = parser.parse_args()
+    asyncio.run(main([int(v) for v in args.endpointing.split(",")], args.early_finalize))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -29,6 +31,21 @@ log = logging.getLogger(__name__)
 # What "Redis failed" means to the services: a cluster client also raises RedisClusterException
 # (not a RedisError) while it cannot map a slot to a node, e.g. during a failover.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+
+
+def is_redis_failure(exc: BaseException) -> bool:
+    """A Redis error, or any exception raised from inside redis-py. Its cluster client has raised
+    AttributeError and the like while its view of the cluster is half updated in a failover
+    (redis/redis-py#3815, #3835, #3997): an outage to wait out, not a bug of the session."""
+    if isinstance(exc, REDIS_ERRORS):
+        return True
+    if not isinstance(exc, Exception):
+        return False
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        tb, last = tb.tb_next, tb
+    return last is not None and last.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE)
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 

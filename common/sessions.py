@@ -151,6 +151,10 @@ class SessionStore:
         state = await self.r.hget(keys.session(sid), keys.F_STATE)
         return state is None or state.decode() == STATE_ENDED
 
+    async def avatar_is_talking(self, sid: str) -> bool:
+        """A reply is being spoken (the avatar worker holds `avatar_reply` from its start to its end)."""
+        return bool(await self.r.hexists(keys.session(sid), keys.F_AVATAR_REPLY))
+
     async def end(self, sid: str, reason: str) -> bool:
         """End the session once; returns False if it was already ended or never existed."""
         # HSETNX-like flip on a field that only ever goes to "ended": the first caller wins. The

@@ -32,9 +32,8 @@ class Settings(BaseSettings):
     deepgram_model: str = "nova-3"
     deepgram_endpointing_ms: int = Field(default=300, ge=10)
     # Finalize as soon as the user is quiet after a finished question (not waiting for Deepgram's
-    # endpoint). Off by default: it cuts the avatar's echoed speech into short finals that the echo
-    # guard then takes for the user (tests/test_conversation_deepgram.py, echo test).
-    deepgram_early_finalize: bool = False
+    # endpoint); never while the avatar talks, so its echo is cut only where Deepgram cuts it.
+    deepgram_early_finalize: bool = True
     deepgram_utterance_end_ms: int = Field(default=1000, ge=1000)
     deepgram_keyterms: str = Field(default="", description="comma-separated key terms (Nova-3)")
     # Audio held per session for a replay after a reconnect, and the most that waits while

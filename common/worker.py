@@ -19,7 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from common import keys
-from common.bus import REDIS_ERRORS
+from common.bus import REDIS_ERRORS, is_redis_failure
 from common.jobs import Job, JobStream
 from common.metrics import (
     SESSIONS_ACTIVE,
@@ -93,8 +93,10 @@ class ClaimLoop:
                     continue
                 try:
                     jobs = await self.jobs.claim(room, block_ms=1000)
-                except REDIS_ERRORS as exc:
-                    log.warning("claiming failed (%s); retrying", exc)
+                except Exception as exc:
+                    if not is_redis_failure(exc):
+                        raise
+                    log.warning("claiming failed (%r); retrying", exc)
                     await asyncio.sleep(1.0)
                     continue
                 for job in jobs:
@@ -126,23 +128,14 @@ class ClaimLoop:
             await self.serve(job)
         except asyncio.CancelledError:
             pass
-        except REDIS_ERRORS as exc:
-            # Redis went away under the session: it is not over. Give it back, so it resumes from
-            # its cursors (here or on another worker) once Redis answers again.
-            log.warning("%s session %s lost Redis (%s); handing it back", self.kind, job.session_id, exc)
-            hand_back = True
-        except Exception:
-            log.exception("%s session %s failed", self.kind, job.session_id)
-            SESSIONS_FAILED.labels(self.kind).inc()
-            try:
-                await self.store.bus.publish_event(
-                    job.session_id,
-                    ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
-                )
-                await self.store.end(job.session_id, f"{self.kind}_failed")
-            except REDIS_ERRORS:
-                log.exception("could not end failed session %s", job.session_id)
+        except Exception as exc:
+            if is_redis_failure(exc):
+                # Redis went away under the session: it is not over. Give it back, so it resumes
+                # from its cursors (here or on another worker) once Redis answers again.
+                log.warning("%s session %s lost Redis (%r); handing it back", self.kind, job.session_id, exc)
                 hand_back = True
+            else:
+                hand_back = await self._fail(job)
         finally:
             self.active.pop(job.entry_id, None)
             SESSIONS_ACTIVE.labels(self.kind).set(len(self.active))
@@ -154,6 +147,22 @@ class ClaimLoop:
                 await _quietly(self.jobs.hand_back(job))
             else:
                 await _quietly(self.jobs.done(job))
+
+    async def _fail(self, job: Job) -> bool:
+        """A bug served this session: end it with a clear error. True if even that needs Redis
+        back (the session is handed back instead)."""
+        log.exception("%s session %s failed", self.kind, job.session_id)
+        SESSIONS_FAILED.labels(self.kind).inc()
+        try:
+            await self.store.bus.publish_event(
+                job.session_id,
+                ErrorEvent(code="internal_error", message=f"the {self.kind} service failed", fatal=True),
+            )
+            await self.store.end(job.session_id, f"{self.kind}_failed")
+        except REDIS_ERRORS:
+            log.exception("could not end failed session %s", job.session_id)
+            return True
+        return False
 
     async def advertise(self) -> None:
         """Tell the world (gateway admission, ops, tests) this worker's capacity and load."""
@@ -169,8 +178,11 @@ class ClaimLoop:
                 await self.advertise()
                 lost = await self.jobs.heartbeat(jobs)
                 self.health.beat(ok=True)
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # a heartbeat loop that died would lose every lease
+                if is_redis_failure(exc):
+                    log.warning("heartbeat failed: %r", exc)
+                else:
+                    log.exception("heartbeat failed")
                 lost = set()
                 self.health.beat(ok=False)
             for entry_id in lost & self.active.keys():

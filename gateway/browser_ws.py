@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from common import keys, tracing
-from common.bus import REDIS_ERRORS, Bus, dump
+from common.bus import REDIS_ERRORS, Bus, dump, is_redis_failure
 from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
     AvatarEventIn,
@@ -137,7 +137,7 @@ class BrowserConnection:
                     SLOW_CLOSES.inc()
                     log.warning("session %s: browser too slow, closing with 4408", self.sid, extra={"sid": self.sid})
                     close_code, close_reason = CLOSE_TOO_SLOW, "client too slow"
-                elif isinstance(task.exception(), REDIS_ERRORS):
+                elif is_redis_failure(task.exception()):
                     # The bus failed, not the session: 1011 tells the page to reconnect.
                     log.warning("session %s: bus error %r", self.sid, task.exception(), extra={"sid": self.sid})
                     close_code = 1011

@@ -37,7 +37,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from common import keys
-from common.bus import REDIS_ERRORS
+from common.bus import REDIS_ERRORS, is_redis_failure
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +147,16 @@ class _NodeReader:
                 last_read = loop.time()
                 try:
                     replies = await self._read(ready)
-                except REDIS_ERRORS as exc:  # every session of this node hears it and is handed back
-                    self._fail_all(exc)
-                    await self.feed._node_failed()
-                    await asyncio.sleep(backoff)
-                    backoff = min(2.0, backoff * 2)
-                    continue
-                except Exception as exc:  # a bug must not leave every session waiting in silence
-                    log.exception("audio feed failed")
-                    self._fail_all(exc)
-                    await asyncio.sleep(backoff)
+                except Exception as exc:  # every session of this node hears it
+                    if is_redis_failure(exc):  # handed back, to resume once the node answers
+                        self._fail_all(exc)
+                        await self.feed._node_failed()
+                        await asyncio.sleep(backoff)
+                        backoff = min(2.0, backoff * 2)
+                    else:  # a bug must not leave every session waiting in silence
+                        log.exception("audio feed failed")
+                        self._fail_all(exc)
+                        await asyncio.sleep(backoff)
                     continue
                 backoff = 0.05
                 for reply in replies:
@@ -233,7 +233,9 @@ class AudioFeed:
         sub = _Subscription(cursor, self.depth, key_slot(key.encode()))
         try:
             name, node = self._node_of(key)
-        except REDIS_ERRORS as exc:  # no node serves its slot right now: the session hears it
+        except Exception as exc:  # no node serves its slot right now: the session hears it
+            if not is_redis_failure(exc):
+                raise
             sub.queue.put_nowait(exc)
             return sub.queue
         reader = self._readers.get(name)

@@ -60,7 +60,8 @@ TURN_DECISIONS = Counter(
     "stt_turn_decisions_total", "Pauses judged by the turn detector", ["verdict", "by"]  # by: words | audio
 )
 EARLY_FINALIZES = Counter(
-    "stt_early_finalize_total", "Finalize sent because the user went quiet after a finished question"
+    "stt_early_finalize_total",
+    "A quiet user's finished question: Finalize sent, or not (the avatar was talking)", ["outcome"],
 )
 
 
@@ -357,15 +358,20 @@ class _Turn:
     async def finalize_if_complete(self) -> None:
         """The user went quiet after words the engine has not finalized: if they are a finished
         question (judged once per interim text), have the engine finalize now. Only where the
-        words alone are sure: a statement's pause is left to the engine's own endpoint, so the
-        avatar's echoed sentences are not cut into short finals its echo guard would miss."""
+        words alone are sure (a statement's pause is left to the engine's own endpoint), and never
+        while the avatar talks: what is heard then may be its echo, which the avatar worker's echo
+        guard judges best as the engine cuts it, not cut short here."""
         interim = self.last_interim
         if interim is None or interim.text == self._judged:
             return
         self._judged = interim.text
-        if text_verdict(self.text(interim.text)) == "complete":
-            EARLY_FINALIZES.inc()
-            await self.s.stream.finalize()
+        if text_verdict(self.text(interim.text)) != "complete":
+            return
+        if await self.s.w.store.avatar_is_talking(self.s.sid):
+            EARLY_FINALIZES.labels("avatar_talking").inc()
+            return
+        EARLY_FINALIZES.labels("sent").inc()
+        await self.s.stream.finalize()
 
     def arm(self) -> None:
         if self._timer is None or self._timer.done():

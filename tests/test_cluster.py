@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from common import keys
-from common.bus import Bus, _split_nodes, cluster_url, connect_url, is_cluster
+from common.bus import Bus, _split_nodes, cluster_url, connect_url, is_cluster, is_redis_failure
 from common.models import SessionConfig
 from common.sessions import SessionStore
 from common.settings import Settings
@@ -58,6 +58,21 @@ def test_cluster_is_chosen_by_its_url_or_scheme() -> None:
     assert Settings(_env_file=None, redis_cluster_url="redis://n:7000").redis_cluster_url == "redis://n:7000"
     assert _split_nodes("redis://u:p@h1:7000,h2:7001,h3/0") == ("redis://u:p@h1:7000/0", [("h2", 7001), ("h3", 6379)])
     assert _split_nodes("redis://h1:7000") == ("redis://h1:7000", [])
+
+
+async def test_an_error_from_inside_the_cluster_client_is_a_redis_failure_not_a_bug() -> None:
+    """redis-py's cluster client has raised plain AttributeError/KeyError mid-failover; a session
+    that meets one is handed back (to resume), not ended as a bug. Our own errors stay bugs."""
+    from redis.asyncio.cluster import ClusterNode, NodesManager
+    from redis.exceptions import MovedError
+
+    nodes = NodesManager([ClusterNode("127.0.0.1", 1)], require_full_coverage=True, connection_kwargs={})
+    with pytest.raises(KeyError) as inside:  # a MOVED while the slots cache is being rebuilt
+        await nodes.move_slot(MovedError("1234 127.0.0.1:2"))
+    assert is_redis_failure(inside.value)
+    with pytest.raises(KeyError) as ours:
+        {}["sid"]
+    assert not is_redis_failure(ours.value) and is_redis_failure(ConnectionResetError())
 
 
 async def test_a_process_starting_while_its_first_node_is_down_asks_the_next(

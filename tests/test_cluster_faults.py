@@ -179,7 +179,13 @@ async def test_a_master_killed_mid_session_leaves_other_sessions_untouched(priva
                 continue
             if not resumed_s:
                 first_after_kill_s = time.monotonic() - killed_at
-            t = await _ask(page)
+            try:
+                t = await _ask(page)
+            except AssertionError:
+                print("HIT FAILED", sid, page.of_type("error"), page.of_type("session.ended"), page.close_code)
+                for name, log in stack.logs.items():
+                    print(name.upper(), "LOG", _problems(log))
+                raise
             resumed_s.append(t)
             pages[sid] = page
             # What the failover lost: events the page had received that the promoted replica

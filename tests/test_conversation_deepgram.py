@@ -117,6 +117,23 @@ async def test_deepgram_is_finalized_once_a_quiet_user_has_finished(redis_url: s
             assert final["text"].startswith("so i was wondering,") and final["text"].endswith("what is redis?")
 
 
+async def test_deepgram_is_not_finalized_early_while_the_avatar_talks(redis_url: str):
+    """What is heard while the avatar talks may be its own voice: even a finished question is
+    left to Deepgram's endpoint then (the echo guard judges the piece Deepgram cuts)."""
+    async with FakeDeepgram(DEEPGRAM_KEY) as fake, deepgram_stack(
+        redis_url, fake, key=DEEPGRAM_KEY, DEEPGRAM_ENDPOINTING_MS="1500"
+    ) as stack:
+        async for room in open_room(stack):
+            mark, _ = await dg_talking(room)
+            conn = fake.connections[-1]
+            await said(room, Speech().say("what is redis?").pcm)
+            final = await room.next("transcript.final", mark, 30, lambda e: "redis?" in e.get("text", ""))
+            assert final is not None
+            assert "Finalize" not in conn.controls
+            closing = [m for m in conn.sent_of("Results") if "redis?" in m["channel"]["alternatives"][0]["transcript"]]
+            assert closing and not any(m.get("from_finalize") for m in closing)
+
+
 async def _until(check, timeout_s: float) -> None:
     """Poll what the fake recorded (it has no event to wait on)."""
     async with asyncio.timeout(timeout_s):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from avatar_service.tts import FIRST_CHUNK_MS, PiperTts, default_voice_paths
+from avatar_service.tts import FIRST_CHUNK_MS, PiperTts, default_voice_paths, wait_for_synthesis
 from common.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,8 @@ def _tts_threads() -> list[threading.Thread]:
 
 
 def _assert_producers_exit(timeout_s: float = 5.0) -> None:
-    for thread in _tts_threads():
-        thread.join(timeout_s)
+    """What the avatar worker waits for at close (`wait_for_synthesis`), and no thread behind its back."""
+    assert wait_for_synthesis(timeout_s) == 0, "a synthesis thread was left running"
     assert not _tts_threads(), "a synthesis thread was left running"
 
 

@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 
 from avatar_service import livekit_room
 from avatar_service.driver import Speech, sentences_of
-from avatar_service.tts import PiperTts
+from avatar_service.tts import PiperTts, wait_for_synthesis
 from common.bus import Bus
 from common.models import (
     AvatarAudio,
@@ -39,6 +39,7 @@ from common.models import (
 from common.pcm import duration_s, mouth_envelope
 from common.settings import Settings
 
+SYNTHESIS_DRAIN_S = 3.0  # at close: the sentence piper is in the middle of (<1 s on 2 cores)
 MOUTH_HOP_MS = 20
 T = TypeVar("T")
 log = logging.getLogger("avatar.local")
@@ -101,6 +102,8 @@ class LocalAvatarDriver:
         for room in list(self.rooms):
             await room.leave(delete_room=False)
         self.rooms.clear()
+        if still := await asyncio.to_thread(wait_for_synthesis, SYNTHESIS_DRAIN_S):
+            log.warning("%d piper synthesis thread(s) still running at close", still)
 
 
 class LocalAvatarSession:
