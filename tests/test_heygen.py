@@ -848,9 +848,10 @@ class TestConversation:
         await browser.wait_type("session.ready")
         run.fake.speech_ms_per_char = 1.0
         try:
-            for text in ("Who are you?", "What can you do?"):
+            # One after the other: a turn typed while the avatar talks would interrupt it (by design).
+            for n, text in enumerate(("Who are you?", "What can you do?"), start=1):
                 await browser.send_json({"type": "text", "text": text})
-            await browser.wait_for(lambda _: len(browser.of_type("avatar.stopped_talking")) == 2)
+                await browser.wait_for(lambda _, n=n: len(browser.of_type("avatar.stopped_talking")) == n)
         finally:
             run.fake.speech_ms_per_char = SPEECH_MS
         assert [e["interrupted"] for e in browser.of_type("avatar.stopped_talking")] == [False, False]
