@@ -99,7 +99,10 @@ class LocalCluster:
              "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--protected-mode", "no",
              # The healthy masters keep serving while a dead one's replica takes over (the default,
              # yes, answers CLUSTERDOWN on every node until then): what the README recommends.
-             "--cluster-require-full-coverage", "no"],
+             "--cluster-require-full-coverage", "no",
+             # A replica always stands in for its dead master, however long since it last heard from
+             # it: these tests are about our clients across a failover, not Redis's failover policy.
+             "--cluster-replica-validity-factor", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
 
@@ -122,12 +125,15 @@ class LocalCluster:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
 
     def wait_healthy(self, timeout_s: float = 30) -> None:
-        """Every live node says `cluster_state:ok` and all 16384 slots are served."""
+        """Every live node says `cluster_state:ok`, all 16384 slots are served, and every replica
+        is in sync with its master (one killed before its replica's first sync has no stand-in)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 infos = [self.node(p).cluster("info") for p in self.live_ports()]
-                if all(i.get("cluster_state") == "ok" and int(i.get("cluster_slots_ok", 0)) == 16384 for i in infos):
+                replication = [self.node(p).info("replication") for p in self.live_ports()]
+                if all(i.get("cluster_state") == "ok" and int(i.get("cluster_slots_ok", 0)) == 16384 for i in infos) \
+                        and all(r.get("role") != "slave" or r.get("master_link_status") == "up" for r in replication):
                     return
             except (redis.RedisError, OSError):
                 pass

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import pytest
@@ -545,3 +546,35 @@ async def test_fake_ignores_unknown_controls_and_closes_on_empty_frames() -> Non
     conn = fake.connections[0]
     assert conn.controls == ["Whatever"] and conn.frames[-1] == 0
     assert conn.close_code == 1011
+
+
+async def test_fake_interims_on_a_clock_carry_the_words_ended_by_each_tick() -> None:
+    from websockets.asyncio.client import connect
+
+    speech = Speech(word_s=0.3, gap_s=0.1).say("one two three four five").pause(0.5)
+    async with FakeDeepgram(KEY, words_per_final=10, interim_every_s=1.0) as fake:
+        url = f"{fake.url}?model=nova-3&encoding=linear16&sample_rate=16000&interim_results=true&endpointing=300"
+        async with connect(url, additional_headers={"Authorization": f"Token {KEY}"}) as ws:
+            await ws.send(speech.pcm)
+            await ws.send('{"type":"CloseStream"}')
+            results = [m async for m in _messages(ws) if m.get("type") == "Results"]
+    interims = [(r["start"] + r["duration"], r["channel"]["alternatives"][0]["transcript"])
+                for r in results if not r["is_final"]]
+    # Words end at 0.3, 0.7, 1.1, 1.5, 1.9 s: ticks at 1 s and 2 s.
+    assert interims == [(1.0, "one two"), (2.0, "one two three four five")]
+    closing = [r["channel"]["alternatives"][0]["transcript"] for r in results if r["is_final"]]
+    assert closing[0] == "one two three four five"
+    assert fake.connections[0].controls == ["CloseStream"]
+
+
+async def _messages(ws) -> AsyncIterator[dict[str, Any]]:
+    """The fake's JSON messages until it closes."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                yield json.loads(message)
+    except ConnectionClosed:
+        return

@@ -18,7 +18,8 @@ How it "recognizes" speech: audio carries its own transcript. `Speech` turns wor
 each word is a burst of non-zero samples spelling the word (one code point per sample, then a -1
 marker, repeated for the word's length) and silence is zeros. The recognizer reads the bursts in
 the audio it receives, so it is fully driven by audio time: when a word's burst ends it sends an
-interim for the open segment; every `words_per_final` words it sends an `is_final` segment; after
+interim for the open segment (with `interim_every_s`, on a clock instead: Deepgram's own example
+shows one a second); every `words_per_final` words it sends an `is_final` segment; after
 `endpointing` ms of silence it sends the `speech_final` result (or, with `speech_final=False`, a
 noisy room where VAD never endpoints, a plain final); after `utterance_end_ms` of silence after the
 last word, `UtteranceEnd`; a word burst after silence first gets `SpeechStarted`; long silence gets
@@ -50,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import uuid
 from collections import deque
@@ -224,10 +226,12 @@ class _Recognizer:
     def __init__(
         self, query: dict[str, list[str]], request_id: str, *,
         words_per_final: int, speech_final: bool, silence_final_s: float | None,
-        foreign: deque[str] | None = None, foreign_word_s: float = 0.3,
+        foreign: deque[str] | None = None, foreign_word_s: float = 0.3, interim_every_s: float = 0.0,
     ) -> None:
         self.foreign = foreign if foreign is not None else deque()
         self.foreign_word_s = foreign_word_s
+        self.interim_every_s = interim_every_s
+        self.unreported_since: float | None = None  # end of the first word no interim has carried yet
         self.request_id = request_id
         self.words_per_final = words_per_final
         self.speech_final = speech_final
@@ -335,12 +339,16 @@ class _Recognizer:
                 out.append({"type": "SpeechStarted", "channel": [0, 1], "timestamp": _r(t)})
 
     def _end_word(self, t: float, out: list[dict[str, Any]]) -> None:
+        if self.interim_every_s:
+            self._advance(t, out)  # interims due during the word carry only the words before it
         spelled = self.code[: self.code.index(WORD_END)] if WORD_END in self.code else self.code
         self.pending.append(_Word("".join(chr(c) for c in spelled if c > 0) or "?", self.word_start, t))
         self.in_word, self.last_word_end = False, t
         self.utterance_end_due = self.utterance_end_s is not None
-        if self.interim:
+        if self.interim and not self.interim_every_s:
             out.append(self._results(self.pending, self.window_start, t, is_final=False))
+        elif self.interim and self.unreported_since is None:
+            self.unreported_since = t
         if len(self.pending) >= self.words_per_final:
             out.append(self._results(self.pending, self.window_start, t, is_final=True))
             self.window_start, self.pending = t, []
@@ -349,6 +357,11 @@ class _Recognizer:
         """Fire the silence timers (endpointing, utterance end, silent finals) due by audio time t."""
         while True:
             due: list[tuple[float, str]] = []
+            if self.unreported_since is not None and not self.pending:
+                self.unreported_since = None  # a final carried them
+            if self.unreported_since is not None:  # the next tick of the interim clock
+                every = self.interim_every_s
+                due.append((math.ceil(self.unreported_since / every - 1e-9) * every, "interim"))
             if self.utterance_open and not self.in_word and self.endpointing_s is not None:
                 due.append((self.last_word_end + self.endpointing_s, "endpoint"))
             if self.utterance_end_due and self.utterance_end_s is not None:
@@ -367,6 +380,9 @@ class _Recognizer:
                     ))
                     self.window_start = when
                 self.pending, self.utterance_open = [], False
+            elif what == "interim":
+                out.append(self._results(self.pending, self.window_start, when, is_final=False))
+                self.unreported_since = None
             elif what == "utterance_end":
                 if self.pending:
                     out.append(self._results(self.pending, self.window_start, when, is_final=True))
@@ -464,9 +480,13 @@ class FakeDeepgram:
         speech_final: bool = True,
         silence_final_s: float | None = 2.0,
         recv_buffer_bytes: int | None = None,
+        interim_every_s: float = 0.0,
     ) -> None:
         """`recv_buffer_bytes`: the sockets' kernel receive buffer (SO_RCVBUF), small so that a
-        stalled connection pushes back on its client at once instead of after megabytes."""
+        stalled connection pushes back on its client at once instead of after megabytes.
+        `interim_every_s`: 0, an interim as each word ends; else interims on a clock of that period
+        in audio time, carrying the words ended by then (Deepgram's own example shows one a second)."""
+        self.interim_every_s = interim_every_s
         self.api_key = api_key
         self.recv_buffer_bytes = recv_buffer_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -592,6 +612,7 @@ class FakeDeepgram:
         recognizer = _Recognizer(
             conn.query, conn.request_id, words_per_final=self.words_per_final,
             speech_final=self.speech_final, silence_final_s=self.silence_final_s, foreign=self.foreign,
+            interim_every_s=self.interim_every_s,
         )
         try:
             await self._serve(ws, conn, recognizer, drop)
