@@ -678,6 +678,7 @@ class DeepgramStream:
                 self._last_interim = _Segment(transcript, words[0].start_s if words else window_end, end)
                 out.append(SttResult("interim", text=text, utterance_id=utterance_id(start), start_s=start, end_s=end))
             return out
+        shown = self._last_interim.text if self._last_interim is not None else None
         self._interim_open = False
         self._last_interim = None
         self._last_final_end_s = max(self._last_final_end_s, window_end)
@@ -690,6 +691,13 @@ class DeepgramStream:
         if self._segments:
             if msg.get("speech_final") or msg.get("from_finalize"):
                 out += self._close_utterance(window_end)
+            elif transcript and transcript != shown:
+                # Words no interim carried (Deepgram sends interims on its own clock, about one a
+                # second): the utterance so far, now, so that a barge-in does not wait for the next.
+                first, last = self._segments[0], self._segments[-1]
+                out.append(SttResult("interim", text=" ".join(seg.text for seg in self._segments),
+                                     utterance_id=utterance_id(first.start_s), start_s=first.start_s,
+                                     end_s=last.end_s))
         else:
             if self._speech_at is not None and window_end > self._speech_at + EPS_S:
                 self._speech_at = None  # the speech onset produced no words (noise)
