@@ -31,13 +31,17 @@ log = logging.getLogger(__name__)
 # What "Redis failed" means to the services: a cluster client also raises RedisClusterException
 # (not a RedisError) while it cannot map a slot to a node, e.g. during a failover.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
-_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+_CLUSTER_CLIENT_FILES = frozenset(
+    os.path.join(os.path.dirname(redis.__file__), *path) for path in (("cluster.py",), ("asyncio", "cluster.py"))
+)
 
 
 def is_redis_failure(exc: BaseException) -> bool:
-    """A Redis error, or any exception raised from inside redis-py. Its cluster client has raised
+    """A Redis error, or any exception raised inside redis-py's cluster client, which has raised
     AttributeError and the like while its view of the cluster is half updated in a failover
-    (redis/redis-py#3815, #3835, #3997): an outage to wait out, not a bug of the session."""
+    (redis/redis-py#3815, #3835, #3997): an outage to wait out, not a bug of the session. Only the
+    cluster client's own code: our bad arguments failing deeper in redis-py stay bugs (handed
+    back, they would fail again on every claim)."""
     if isinstance(exc, REDIS_ERRORS):
         return True
     if not isinstance(exc, Exception):
@@ -45,7 +49,7 @@ def is_redis_failure(exc: BaseException) -> bool:
     tb, last = exc.__traceback__, None
     while tb is not None:
         tb, last = tb.tb_next, tb
-    return last is not None and last.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE)
+    return last is not None and last.tb_frame.f_code.co_filename in _CLUSTER_CLIENT_FILES
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
