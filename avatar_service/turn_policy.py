@@ -8,7 +8,8 @@ avatar is judged:
   never a barge-in and never a turn. Timing comes from the STT worker (`started_at`: when the
   audio reached it), so a user who repeats the avatar's words after it stopped is still heard.
 - **Backchannel**: "mhm", "yeah", "right" said over the avatar mean "go on", not "stop".
-- Anything else with at least `barge_in_min_words` words is the user taking the floor.
+- Anything else with at least `barge_in_min_words` words is the user taking the floor, and so is
+  a single word that opens a listed barge-in cue ("wait", "sorry").
 """
 
 from __future__ import annotations
@@ -54,13 +55,19 @@ def clauses(text: str) -> list[str]:
     return [p for p in pieces if words_of(p)]
 
 
+def phrases_for(lists: dict[str, str], language: str) -> set[str]:
+    """The comma-separated phrases listed for `language` ("en-US" → "en"; English when unlisted),
+    each as its normalized words."""
+    primary = (language or "en").split("-")[0].lower()
+    listed = lists.get(primary) or lists.get("en", "")
+    return {" ".join(words_of(p)) for p in listed.split(",") if words_of(p)}
+
+
 class Backchannels:
     """Per-language phrases that say "go on" (`BACKCHANNELS`, comma-separated per language)."""
 
     def __init__(self, settings: Settings, language: str) -> None:
-        primary = (language or "en").split("-")[0].lower()
-        listed = settings.backchannels.get(primary) or settings.backchannels.get("en", "")
-        self.phrases = {" ".join(words_of(p)) for p in listed.split(",") if words_of(p)}
+        self.phrases = phrases_for(settings.backchannels, language)
         self.words = {w for p in self.phrases for w in p.split()}
 
     def match(self, text: str) -> bool:
@@ -73,6 +80,19 @@ class Backchannels:
         if len(heard) <= 4 and all(len(w) == 1 for w in heard):
             return True  # a hum spelled out by the recognizer: "M. H. N."
         return len(heard) <= 8 and all(w in self.words or HUM.fullmatch(w) for w in heard)
+
+
+class BargeInCues:
+    """Per-language openings that mean "let me speak" ("wait", "sorry", "hold on"; `BARGE_IN_CUES`):
+    an interim that begins with one pauses the avatar at its first word instead of the
+    `barge_in_min_words`-th, a word sooner (the pause is undone if no turn follows)."""
+
+    def __init__(self, settings: Settings, language: str) -> None:
+        self.phrases = [p.split() for p in phrases_for(settings.barge_in_cues, language)]
+
+    def opens(self, text: str) -> bool:
+        heard = words_of(text)
+        return any(heard[:len(cue)] == cue for cue in self.phrases)
 
 
 class EchoGuard:
@@ -257,6 +277,7 @@ class TurnPolicy:
     def __init__(self, settings: Settings, language: str) -> None:
         self.min_words = settings.barge_in_min_words
         self.backchannels = Backchannels(settings, language)
+        self.cues = BargeInCues(settings, language)
         self.echo = EchoGuard(settings)
         self.loudness = Loudness(settings.echo_level_gap_db if settings.echo_guard else 0.0)
 
@@ -277,7 +298,7 @@ class TurnPolicy:
             return "echo", ""
         if avatar_talking and self.backchannels.match(rest):
             return "backchannel", rest
-        if interim and len(words_of(rest)) < self.min_words:
+        if interim and len(words_of(rest)) < self.min_words and not self.cues.opens(rest):
             return "nothing", rest
         return "words", rest
 

@@ -91,6 +91,15 @@ class Settings(BaseSettings):
         "es": "mhm, sí, vale, claro, ya, ajá, exacto, bueno",
         "fr": "mhm, oui, ouais, d'accord, ok, ah, voilà, exactement",
     }
+    # Openings that mean "let me speak" (comma-separated per language): the first word of one pauses
+    # the avatar, without waiting for BARGE_IN_MIN_WORDS
+    barge_in_cues: dict[str, str] = {
+        "en": "wait, stop, hold on, hang on, sorry, excuse me, pardon, actually, no, one second, one moment, "
+        "just a second, just a moment",
+        "de": "warte, warten sie, stopp, halt, moment, entschuldigung, sorry, nein",
+        "es": "espera, espere, para, pare, perdón, perdona, disculpa, un momento, no",
+        "fr": "attends, attendez, stop, pardon, excusez moi, non, une seconde, un instant",
+    }
     echo_guard: bool = True  # user speech that repeats the avatar's own recent words is echo
     echo_tail_s: float = Field(default=2.5, ge=0, le=30)  # when a speech start is unknown: how long echo may come
     echo_match: float = Field(default=0.5, ge=0, lt=1)  # echo: more than this share of the heard words are its

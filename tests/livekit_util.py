@@ -208,6 +208,7 @@ class RoomListener:
         from livekit import rtc
 
         self.tracks.append((participant.identity, "audio" if track.kind == rtc.TrackKind.KIND_AUDIO else "video"))
+        self._notify()  # a wait on the tracks must not depend on frames arriving after them
         if track.kind != rtc.TrackKind.KIND_AUDIO:
             return
         stream = rtc.AudioStream(track, sample_rate=48_000, num_channels=1)

@@ -88,6 +88,20 @@ async def test_deepgram_words_over_the_avatar_stop_it(deepgram: tuple[FakeDeepgr
     assert answer is not None and "scale" in answer["text"].lower()
 
 
+async def test_deepgram_one_word_that_asks_for_the_floor_pauses_the_avatar(
+    deepgram: tuple[FakeDeepgram, Stack], dg_room: Room,
+):
+    """"Stop" alone is a barge-in cue: its interim pauses the avatar before the final stops it
+    (any other single word waits for its final, as `BARGE_IN_MIN_WORDS` is 2)."""
+    mark, started = await dg_talking(dg_room)
+    await said(dg_room, Speech().say("stop").pcm)
+    stopped = await dg_room.next("avatar.stopped_talking", mark, 15, lambda e: e.get("interrupted"))
+    assert stopped is not None and stopped["reply_id"] == started["reply_id"]
+    paused = since(dg_room, mark, "avatar.paused")
+    assert paused, "the avatar was stopped by the final only: the cue's interim did not pause it"
+    assert dg_room.events.index(paused[0]) < dg_room.events.index(stopped)
+
+
 async def test_deepgram_is_finalized_once_a_quiet_user_has_finished(redis_url: str):
     """Deepgram's own endpointing set to 3 s: a complete question is still closed a moment after
     the user goes quiet (the worker sends `Finalize`), an unfinished phrase is not."""

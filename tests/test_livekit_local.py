@@ -225,7 +225,10 @@ async def test_the_avatar_rejoins_when_the_sdk_gives_up_on_its_room(livekit_serv
         await listener.wait(lambda: listener.loud_frames(AVATAR_IDENTITY) > 20, 30, "the first voice")
 
         await room.room.disconnect()  # what the SDK does when its reconnect attempts are used up
-        await listener.wait(lambda: listener.tracks.count((AVATAR_IDENTITY, "audio")) >= 2, 30, "a new track")
+        try:
+            await listener.wait(lambda: listener.tracks.count((AVATAR_IDENTITY, "audio")) >= 2, 30, "a new track")
+        except AssertionError as exc:  # say whether the avatar rejoined at all
+            raise AssertionError(f"{exc}; rejoins {room.rejoins}, tracks seen {listener.tracks}") from None
         assert room.rejoins == 1
         before = listener.loud_frames(AVATAR_IDENTITY)
         await room.sink.send(tone, meta.model_copy(update={"reply_id": "r2"}))

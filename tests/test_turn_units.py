@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from avatar_service.turn_policy import Backchannels, EchoGuard, TurnPolicy
+from avatar_service.turn_policy import Backchannels, BargeInCues, EchoGuard, TurnPolicy
 from common.pcm import SAMPLE_RATE
 from common.settings import Settings
 from stt_service.turn import AudioTail, TurnDetector, combine, model_path, text_verdict
@@ -104,6 +104,23 @@ def test_backchannels_per_language():
     assert custom.match("Copy that.") and not custom.match("yeah")
 
 
+def test_an_opening_that_asks_for_the_floor_pauses_at_its_first_word():
+    policy = TurnPolicy(settings(), "en")
+    policy.echo.reply_started()
+    policy.echo.reply_text("The face moves with the voice, drawn in the page.")
+    now = int(time.time() * 1000)
+    for opening in ("Stop", "Sorry,", "wait", "No", "hold on"):
+        assert policy.judge(opening, avatar_talking=True, started_at=now, interim=True) == "words", opening
+    assert policy.judge("Hold", avatar_talking=True, started_at=now, interim=True) == "nothing"  # needs "on"
+    assert policy.judge("Yeah", avatar_talking=True, started_at=now, interim=True) == "backchannel"
+    policy.echo.reply_text("The face moves with the voice. Wait for the first sentence.")
+    assert policy.judge("Wait", avatar_talking=True, started_at=now, interim=True) == "echo"  # its own word
+    de = BargeInCues(settings(), "de-DE")
+    assert de.opens("Moment, wie geht das?") and not de.opens("Wie geht das?")
+    custom = BargeInCues(settings(barge_in_cues={"en": "over to me"}), "en")
+    assert custom.opens("over to me now") and not custom.opens("over") and not custom.opens("stop")
+
+
 def test_echo_is_the_avatars_own_words_heard_while_it_could_be_heard():
     guard = EchoGuard(settings())
     guard.reply_started()
@@ -127,8 +144,8 @@ def test_policy_judges_interims_and_finals():
     assert policy.judge("the face is drawn in the page", avatar_talking=True, started_at=now) == "echo"
     assert policy.judge("Mhm.", avatar_talking=True, started_at=now) == "backchannel"
     assert policy.judge("Mhm.", avatar_talking=False) == "words"  # an answer when the avatar is quiet
-    assert policy.judge("Stop", avatar_talking=True, started_at=now, interim=True) == "nothing"  # 1 word
-    assert policy.judge("Stop", avatar_talking=True, started_at=now) == "words"  # ... but a final counts
+    assert policy.judge("Tell", avatar_talking=True, started_at=now, interim=True) == "nothing"  # 1 word
+    assert policy.judge("Tell", avatar_talking=True, started_at=now) == "words"  # ... but a final counts
     assert policy.judge("wait how do I scale it", avatar_talking=True, started_at=now, interim=True) == "words"
 
 
