@@ -51,7 +51,8 @@ TURN_TO_ANSWER = Histogram(
 )
 TURNS = Counter("avatar_turns_answered_total", "User turns answered", ["source"])  # voice | text
 HEARD = Counter("avatar_heard_total", "Speech heard while the avatar could be heard, by verdict", ["verdict", "stage"])
-BARGE_INS = Counter("avatar_barge_ins_total", "Barge-ins, by outcome", ["outcome"])  # paused | resumed | stopped
+# paused | resumed | stopped | continued (the user went on with the turn the avatar had begun to answer)
+BARGE_INS = Counter("avatar_barge_ins_total", "Barge-ins, by outcome", ["outcome"])
 
 READ_BLOCK_MS = 1000
 MAX_PENDING_TURNS = 8
@@ -112,6 +113,10 @@ class _Conversation:
         self.pending: asyncio.Queue[tuple[str, UserTurn]] = asyncio.Queue(MAX_PENDING_TURNS)
         self.pending_ids: deque[str] = deque()
         self.speaking: asyncio.Task[None] | None = None
+        self.answering: UserTurn | None = None  # the turn being answered, while `speaking`
+        self.answer_began = 0.0  # unix time the avatar began answering it
+        self.replaces: dict[str, str] = {}  # turn id → the reply it replaces (a continued turn's)
+        self.dropped: set[str] = set()  # replies dropped for a continued turn: not remembered
         self.last_activity = time.time()
 
     async def run(self) -> bool:
@@ -146,7 +151,10 @@ class _Conversation:
                 return
             await self.avatar.on_user_speaking(False)
             if self._talking():
-                BARGE_INS.labels("stopped").inc()
+                continued = self._continued_by(turn)
+                BARGE_INS.labels("continued" if continued else "stopped").inc()
+                if continued is not None:
+                    self._join(continued, turn)
                 await self._interrupt()  # the user took the floor: the rest of the reply goes
             if self.pending.full():
                 log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
@@ -172,16 +180,18 @@ class _Conversation:
         the avatar's echo with the user's question): what is echo is dropped from what is answered."""
         talking = self._talking()
         pieces = turn.segments or [TurnSegment(text=turn.text, started_at=0)]
-        kept = [rest for s in pieces
+        kept = [s.model_copy(update={"text": rest}) for s in pieces
                 if (rest := self.policy.hear(s.text, avatar_talking=talking, started_at=s.started_at,
                                              level_db=s.level_db)[1])]
         if not kept:
             verdict = "echo"
         else:
-            text = " ".join(kept)
+            text = " ".join(s.text for s in kept)
             if text != turn.text:
                 log.info("echo dropped from turn %s", turn.turn_id, extra={"sid": self.sid})
                 turn.text = text
+                if turn.segments:
+                    turn.segments = kept  # (where the user's own speech began counts, not the echo's)
             verdict = self.policy.judge(text, avatar_talking=talking, echo_checked=True)
         HEARD.labels(verdict, "final").inc()
         if verdict == "words":
@@ -194,6 +204,26 @@ class _Conversation:
             await self.w.bus.publish_event(self.sid, TranscriptIgnored(utterance_id=turn.turn_id, reason=verdict))
         await self._resume()
         return False
+
+    def _continued_by(self, turn: UserTurn) -> UserTurn | None:
+        """The turn being answered, if `turn` is its rest: voice that began at most
+        `turn_continuation_s` after the avatar began to answer (the user only paused)."""
+        window = self.w.settings.turn_continuation_s
+        last = self.answering
+        if not window or last is None or last.source != "voice" or turn.source != "voice" or not turn.segments:
+            return None
+        return last if turn.segments[0].started_at / 1000 - self.answer_began <= window else None
+
+    def _join(self, earlier: UserTurn, turn: UserTurn) -> None:
+        """Answer `earlier` and `turn` as one; the reply begun for `earlier` is dropped unremembered."""
+        dropped = reply_id_of(earlier)
+        self.dropped.add(dropped)
+        if len(self.replaces) >= MAX_PENDING_TURNS:  # bounded: the oldest entry's turn was dropped
+            self.replaces.pop(next(iter(self.replaces)))
+        self.replaces[turn.turn_id] = dropped
+        log.info("turn %s continues %s: its reply is dropped", turn.turn_id, earlier.turn_id, extra={"sid": self.sid})
+        turn.text = f"{earlier.text} {turn.text}"
+        turn.segments = earlier.segments + turn.segments
 
     async def _heard_over_avatar(self, speech: UserSpeech) -> None:
         """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
@@ -270,7 +300,7 @@ class _Conversation:
                     pipe.sadd(answered, turn.turn_id)
                     pipe.expire(answered, int(self.w.settings.session_max_s) + 60)
                     await pipe.execute()
-                reply_id = f"r-{turn.turn_id}"
+                reply_id = reply_id_of(turn)
                 TURN_TO_ANSWER.observe(entry_age_s(entry_id))
                 TURNS.labels(turn.source).inc()
                 await self.w.store.set_fields(self.sid, **{keys.F_AVATAR_REPLY: reply_id})
@@ -279,6 +309,7 @@ class _Conversation:
                 else:  # our brain writes the answer; speech starts with its first sentence
                     speech = self._answer(reply_id, turn)
                 self.policy.echo.reply_started()
+                self.answering, self.answer_began = turn, time.time()
                 self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
@@ -288,6 +319,8 @@ class _Conversation:
                 finally:
                     self.policy.echo.reply_ended()
                     self.paused = False
+                    self.answering = None
+                    self.dropped.discard(reply_id)
                 await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
                 if not self.speaking.cancelled() and self.speaking.exception() is not None:
                     log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
@@ -298,7 +331,8 @@ class _Conversation:
     async def _answer(self, reply_id: str, turn: UserTurn) -> None:
         """Ask the brain, speak its sentences as they come, remember what was actually said."""
         reply = await self.w.brain.reply(self.sid, turn.text)
-        shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply))
+        replaces = self.replaces.pop(turn.turn_id, None)
+        shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply, replaces))
         spoken: str | None = None
         try:
             spoken = await self.avatar.speak(reply_id, reply.sentences(), user_text=turn.text)
@@ -308,12 +342,14 @@ class _Conversation:
         if reply.error is not None:
             await self.w.bus.publish_event(self.sid, reply.error)
         said = reply.text if spoken is None else spoken
+        if reply_id in self.dropped:  # the user went on: the next reply answers this turn too
+            return
         try:
             await self.w.brain.remember(self.sid, turn.text, said)
         except Exception:
             log.exception("could not save the conversation history", extra={"sid": self.sid})
 
-    async def _show_reply(self, reply_id: str, turn_id: str, reply: Reply) -> None:
+    async def _show_reply(self, reply_id: str, turn_id: str, reply: Reply, replaces: str | None) -> None:
         """`avatar.reply` for the page: the text so far, growing sentence by sentence, then whole."""
         shown = ""
         while True:
@@ -322,7 +358,8 @@ class _Conversation:
             if reply.text != shown:
                 shown = reply.text
                 self.policy.echo.reply_text(shown)
-                await self.w.bus.publish_event(self.sid, AvatarReply(reply_id=reply_id, turn_id=turn_id, text=shown))
+                await self.w.bus.publish_event(self.sid, AvatarReply(
+                    reply_id=reply_id, turn_id=turn_id, text=shown, replaces=replaces))
             if done:
                 return
             await reply.changed.wait()
@@ -357,6 +394,11 @@ class _Conversation:
             return False
         await self.w.store.end(self.sid, reason)
         return True
+
+
+def reply_id_of(turn: UserTurn) -> str:
+    """The reply's id follows from the turn's, so a worker that takes over answers under the same id."""
+    return f"r-{turn.turn_id}"
 
 
 def _before(entry_id: str) -> str:

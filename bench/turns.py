@@ -10,7 +10,8 @@ while the avatar is paused, cut on barge-in) at `--echo-db` after `--echo-ms`.
 Scenarios (36 by default) and what each counts:
 
 - `plain` (10): a complete question → end of speech → first avatar audio; >1 turn = premature.
-- `paused` (8): a question with a 0.5-1.2 s pause mid-sentence → premature if it becomes 2 turns.
+- `paused` (8): a question with a 0.5-1.2 s pause mid-sentence → premature if it becomes 2 turns;
+  answered as one if every reply but the last was dropped for it (`replaces`) when the user went on.
 - `backchannel` (5) / `noise` (5): said or heard over the avatar → false barge-in if it stops the
   reply (a pause that resumes is counted apart).
 - `barge_in` (5): a real question over the avatar → missed if it is not quiet within 2 s; time
@@ -175,11 +176,16 @@ async def run_scenarios(base_url: str, echo_db: float | None, echo_ms: int, only
                 end = await said(room, voice.say_with_pause(head, gap, rest))
                 audio = await answered_turn(room, mark)
                 await room.quiet()
-                turns = {e["turn_id"] for e in since(room, mark, "avatar.reply")}
-                early = [e for e in since(room, mark, "avatar.reply") if e["_rx"] < end]
+                replies = since(room, mark, "avatar.reply")
+                turns = {e["turn_id"] for e in replies}
+                early = [e for e in replies if e["_rx"] < end]
+                # A premature turn the user went on with is dropped and answered with its rest.
+                replaced = {e["replaces"] for e in replies if e.get("replaces")}
+                reply_ids = list(dict.fromkeys(e["reply_id"] for e in replies))
                 results.setdefault("paused", []).append({
                     "text": f"{head} … {rest}", "pause_s": gap, "turns": len(turns),
                     "premature": bool(early) or len(turns) > 1,
+                    "answered_as_one": bool(reply_ids) and all(r in replaced for r in reply_ids[:-1]),
                     "first_audio_s": None if audio is None else audio["_rx"] - end,
                 })
                 print(f"  paused {head!r}+{gap}s: {results['paused'][-1]}", file=sys.stderr)
@@ -257,6 +263,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary = {
         "utterances": sum(len(v) for v in results.values()),
         "premature_turns": rate(paused, "premature"),
+        "paused_answered_as_one": rate(paused, "answered_as_one"),
         "false_barge_ins": rate(over, "stopped"),
         "false_pauses_resumed": f"{sum(bool(r.get('paused')) and not r.get('stopped') for r in over)}/{len(over)}",
         "missed_barge_ins": f"{sum(r.get('quiet_after_s') is None or r['quiet_after_s'] > 2.0 for r in barge)}"

@@ -138,6 +138,9 @@ class AvatarReply(_Event):
     reply_id: str
     turn_id: str
     text: str
+    # The user went on right after their last turn (it was not finished after all): that turn's
+    # reply, this id, was dropped, and this reply answers both turns as one.
+    replaces: str | None = None
 
 
 class AvatarStartedTalking(_Event):

@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Barge-in: the avatar yields only to words; first it pauses, and resumes if no more words come
     barge_in_min_words: int = Field(default=2, ge=1, le=10)  # in an interim; a final turn stops it anyway
     barge_in_resume_s: float = Field(default=2.5, ge=0, le=10)  # false-interruption window
+    # A voice turn that began this soon after the avatar began answering the last one continues it:
+    # that reply is dropped and both are answered as one (a turn ended too early). 0 = never.
+    turn_continuation_s: float = Field(default=1.0, ge=0, le=5)
     # Backchannels per language (comma-separated): said over the avatar they neither stop it nor become turns
     backchannels: dict[str, str] = {
         "en": "mhm, mm, mm-hmm, hmm, uh-huh, uh huh, yeah, yes, yep, yup, right, ok, okay, sure, i see, "

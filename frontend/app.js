@@ -319,6 +319,8 @@ function handleEvent(event) {
       if (!app.replyAt.has(event.reply_id)) app.replyAt.set(event.reply_id, performance.now());
       if (app.replyAt.size > 64) app.replyAt.delete(app.replyAt.keys().next().value);
       breakdown.reply(event, performance.now());
+      // The user went on with the turn the avatar had begun to answer: that answer is gone.
+      if (event.replaces) findItem("data-reply-id", event.replaces)?.remove();
       upsertReply(event.reply_id, event.text);
       break;
     case "avatar.started_talking":

@@ -37,6 +37,7 @@ export interface AvatarReply {
   reply_id: string;
   turn_id: string;
   text: string;
+  replaces?: string;
   /** The event's id in the session's event stream: pass the last one back as `last_event` when reconnecting. Added by the gateway. */
   id?: string;
 }

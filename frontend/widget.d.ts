@@ -47,8 +47,9 @@ export interface AvatarStackEventMap {
   }>;
   /** What the user said: interim words, then the final text. */
   "avatar-stack:transcript": CustomEvent<AvatarStackTranscriptDetail>;
-  /** Text the avatar says (a streamed reply may come as several events with the same reply_id). */
-  "avatar-stack:reply": CustomEvent<{ reply_id: string; turn_id: string; text: string }>;
+  /** Text the avatar says (a streamed reply may come as several events with the same reply_id).
+   * `replaces`: the reply dropped because the user went on with the turn it answered. */
+  "avatar-stack:reply": CustomEvent<{ reply_id: string; turn_id: string; text: string; replaces: string | null }>;
   /** The avatar started or stopped being heard. */
   "avatar-stack:speaking": CustomEvent<{ speaking: boolean }>;
   /** A server error event, or a problem in the page (mic_denied, unauthorized, no_capacity, …). */

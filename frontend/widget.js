@@ -238,7 +238,8 @@ export class AvatarStackAvatar extends HTMLElement {
         this.emit("transcript", { utterance_id: event.utterance_id, text: "", final: true, ignored: event.reason });
         break;
       case "avatar.reply":
-        this.emit("reply", { reply_id: event.reply_id, turn_id: event.turn_id, text: event.text });
+        this.emit("reply", { reply_id: event.reply_id, turn_id: event.turn_id, text: event.text,
+                             replaces: event.replaces ?? null });
         if (this.hasAttribute("captions")) this.caption(event.text, "avatar");
         break;
       case "avatar.started_talking":

@@ -137,13 +137,15 @@ class _NodeReader:
         last_read = last_ticks = 0.0
         try:
             while self.subs:
+                wait = last_read + self.feed.min_interval_s - loop.time()
+                if wait > 0:  # under load: let frames of more sessions gather for this read
+                    await asyncio.sleep(wait)
+                # Who to read is decided after the last await before the read: a session that
+                # unsubscribed during the wait (handed back, ended) must not be named in it.
                 ready = {key: sub.cursor for key, sub in self.subs.items() if not sub.queue.full()}
                 if not ready:
                     await asyncio.sleep(0.005)  # every session is behind: let their engines catch up
                     continue
-                wait = last_read + self.feed.min_interval_s - loop.time()
-                if wait > 0:  # under load: let frames of more sessions gather for this read
-                    await asyncio.sleep(wait)
                 last_read = loop.time()
                 try:
                     replies = await self._read(ready)

@@ -360,6 +360,25 @@ def local_avatar_with_tone(page, base: str) -> None:
     )
 
 
+def test_a_reply_that_replaces_another_removes_it(tmp_path):
+    """The user went on with a turn the avatar had begun to answer: one question, one answer."""
+    with static_server() as base, launch(silence_wav(tmp_path / "silence.wav")) as page:
+        local_avatar_with_tone(page, base)
+        page.evaluate(
+            """() => {
+              const s = window.__avatarStack;
+              s.handleEvent({type: 'transcript.final', utterance_id: 'u1', text: 'How does that?'});
+              s.handleEvent({type: 'avatar.reply', reply_id: 'r-u1', turn_id: 'u1', text: 'You said...'});
+              s.handleEvent({type: 'transcript.final', utterance_id: 'u2', text: 'work with redis cluster'});
+              s.handleEvent({type: 'avatar.reply', reply_id: 'r-u2', turn_id: 'u2', text: 'It does.',
+                             replaces: 'r-u1'});
+            }"""
+        )
+        assert page.locator('#transcript li.avatar[data-reply-id="r-u1"]').count() == 0
+        assert page.locator('#transcript li.avatar[data-reply-id="r-u2"]').count() == 1
+        assert page.locator("#transcript li[data-utterance-id]").count() == 2
+
+
 def test_barge_in_silences_local_avatar_at_once(tmp_path):
     with static_server() as base, launch(silence_wav(tmp_path / "silence.wav")) as page:
         local_avatar_with_tone(page, base)

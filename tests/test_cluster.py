@@ -122,3 +122,43 @@ async def test_sessions_spread_over_every_master_and_the_feed_reads_per_node(red
             await feed.aclose()
     finally:
         await client.aclose()
+
+
+async def test_sessions_that_leave_while_the_feed_waits_to_read_do_not_fail_the_others(
+    redis_cluster: LocalCluster,
+) -> None:
+    """The feed waits `min_interval_s` between reads; sessions handed back during that wait were
+    once still named in the next read, and the KeyError ended every other session of the node."""
+    client = connect_url(redis_cluster.url)
+    try:
+        store = SessionStore(client, Bus(client, Settings(_env_file=None, redis_url=redis_cluster.url)))
+        async with asyncio.timeout(10):
+            sids = [(await store.create(SessionConfig()))[0] for _ in range(12)]
+        feed = AudioFeed(client, min_interval_s=0.3)
+        queues = {sid: feed.subscribe(sid, "0") for sid in sids}
+
+        async def frame(n: int, to: list[str]) -> None:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*(store.bus.publish_audio(sid, bytes(640), f"c:{n}".encode()) for sid in to))
+
+        await frame(1, sids)
+        for sid in sids:
+            while True:  # (idle ticks are empty batches: skip them)
+                batch = await asyncio.wait_for(queues[sid].get(), 5)
+                assert not isinstance(batch, BaseException), batch
+                if batch:
+                    break
+        leaving, staying = sids[::2], sids[1::2]
+        for sid in leaving:  # the readers are in their wait now
+            feed.unsubscribe(sid)
+        await frame(2, staying)
+        for sid in staying:
+            while True:
+                batch = await asyncio.wait_for(queues[sid].get(), 5)
+                assert not isinstance(batch, BaseException), f"a session that stayed failed: {batch!r}"
+                if batch:
+                    break
+        async with asyncio.timeout(10):
+            await feed.aclose()
+    finally:
+        await client.aclose()

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from common import keys
 from tests.conftest import Stack
 from tests.fakes.deepgram import FakeDeepgram, Speech
 from tests.room import Room, said, since
@@ -69,13 +70,18 @@ async def test_deepgram_finals_of_the_avatars_echo_are_not_turns(deepgram: tuple
         stopped = await dg_room.next("avatar.stopped_talking", mark, 60)
         assert stopped is not None and stopped["interrupted"] is False
         await dg_room.quiet()
-        await asyncio.sleep(1.5)
-        others = [e for e in since(dg_room, mark, "avatar.reply") if e["reply_id"] != reply["reply_id"]]
-        assert not others, "the avatar answered its own echo"
-        echoed = [e for e in since(dg_room, mark, "transcript.final") if e["utterance_id"] != reply["turn_id"]]
+        # The echo's last final comes once Deepgram's endpoint follows its last word; the avatar
+        # worker's verdict on it a moment later: wait for both rather than for a fixed time.
+        echoed = await dg_room.next(
+            "transcript.final", mark, 15, lambda e, own=reply["turn_id"]: e["utterance_id"] != own)
         assert echoed, "no echo was transcribed: this test proves nothing"
-        ignored = {e["utterance_id"] for e in since(dg_room, mark, "transcript.ignored") if e["reason"] == "echo"}
-        assert ignored & {e["utterance_id"] for e in echoed}, "the echo guard never fired"
+        ignored = await dg_room.next("transcript.ignored", mark, 15, lambda e: e["reason"] == "echo")
+        heard = [(e["type"], e.get("utterance_id"), e.get("text") or e.get("reason"))
+                 for e in dg_room.events[mark:] if e["type"] in ("transcript.final", "transcript.ignored")]
+        assert ignored is not None, f"the echo guard never fired: {heard}"
+        await asyncio.sleep(1.0)  # an answer to it would have begun by now
+        others = [e for e in since(dg_room, mark, "avatar.reply") if e["reply_id"] != reply["reply_id"]]
+        assert not others, f"the avatar answered its own echo: {heard}"
 
 
 async def test_deepgram_words_over_the_avatar_stop_it(deepgram: tuple[FakeDeepgram, Stack], dg_room: Room):
@@ -100,6 +106,26 @@ async def test_deepgram_one_word_that_asks_for_the_floor_pauses_the_avatar(
     paused = since(dg_room, mark, "avatar.paused")
     assert paused, "the avatar was stopped by the final only: the cue's interim did not pause it"
     assert dg_room.events.index(paused[0]) < dg_room.events.index(stopped)
+
+
+async def test_a_turn_cut_at_its_pause_is_continued_and_answered_once(
+    deepgram: tuple[FakeDeepgram, Stack], dg_room: Room,
+):
+    """The recognizer ends a question at its pause ("how does that?"), the avatar starts to answer;
+    the user goes on: that answer is dropped and forgotten, and both turns are answered as one."""
+    _, stack = deepgram
+    mark = len(dg_room.events)
+    await said(dg_room, Speech().say("how does that?").pause(0.7).say("work with redis cluster").pcm)
+    answer = await dg_room.next("avatar.reply", mark, 30, lambda e: e.get("replaces"))
+    finals = since(dg_room, mark, "transcript.final")
+    assert answer is not None, "the two turns were answered apart: " + str(
+        [(e["type"], e.get("text") or e.get("reply_id"), e["ts"]) for e in dg_room.events[mark:]])
+    assert len(finals) == 2 and finals[0]["text"] == "how does that?"
+    assert answer["replaces"] == f"r-{finals[0]['utterance_id']}" and answer["turn_id"] == finals[1]["utterance_id"]
+    await dg_room.next("avatar.stopped_talking", mark, 60, lambda e: e["reply_id"] == answer["reply_id"])
+    history = [m.decode() for m in stack.redis().lrange(keys.history(dg_room.session.session_id), 0, -1)]
+    users = [m for m in history if '"role":"user"' in m]
+    assert len(users) == 1 and "how does that? work with redis cluster" in users[0], history
 
 
 async def test_deepgram_is_finalized_once_a_quiet_user_has_finished(redis_url: str):
