@@ -11,7 +11,8 @@ Scenarios (36 by default) and what each counts:
 
 - `plain` (10): a complete question → end of speech → first avatar audio; >1 turn = premature.
 - `paused` (8): a question with a 0.5-1.2 s pause mid-sentence → premature if it becomes 2 turns;
-  answered as one if every reply but the last was dropped for it (`replaces`) when the user went on.
+  answered as one if it was one turn, or every reply but the last was dropped for it (`replaces`)
+  when the user went on.
 - `backchannel` (5) / `noise` (5): said or heard over the avatar → false barge-in if it stops the
   reply (a pause that resumes is counted apart).
 - `barge_in` (5): a real question over the avatar → missed if it is not quiet within 2 s; time
@@ -185,7 +186,8 @@ async def run_scenarios(base_url: str, echo_db: float | None, echo_ms: int, only
                 results.setdefault("paused", []).append({
                     "text": f"{head} … {rest}", "pause_s": gap, "turns": len(turns),
                     "premature": bool(early) or len(turns) > 1,
-                    "answered_as_one": bool(reply_ids) and all(r in replaced for r in reply_ids[:-1]),
+                    "answered_as_one": (not early and len(turns) == 1) or (
+                        len(reply_ids) > 1 and all(r in replaced for r in reply_ids[:-1])),
                     "first_audio_s": None if audio is None else audio["_rx"] - end,
                 })
                 print(f"  paused {head!r}+{gap}s: {results['paused'][-1]}", file=sys.stderr)
