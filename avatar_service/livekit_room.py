@@ -250,13 +250,16 @@ class AvatarRoom:
         return cls(settings, name, room, LiveKitAudioSink(room, source, sample_rate))
 
     def _watch(self, room: rtc.Room) -> None:
+        room.on("disconnected", lambda reason: self._on_disconnected(room, reason))
+        room.on("connection_state_changed", lambda state: self._on_state(room, state))
+
+    def _on_state(self, room: rtc.Room, state: int) -> None:
+        """The SDK does not always say `disconnected`: when the room's event stream ends first, it
+        only changes the state to DISCONNECTED. Either one means the room is gone."""
         from livekit import rtc
 
-        room.on("disconnected", lambda reason: self._on_disconnected(room, reason))
-        # The SDK does not always say `disconnected`: when the room's event stream ends first, only
-        # the state change to DISCONNECTED is emitted. Either one means the room is gone.
-        room.on("connection_state_changed", lambda state: state == rtc.ConnectionState.CONN_DISCONNECTED
-                and self._on_disconnected(room, "connection state disconnected"))
+        if state == rtc.ConnectionState.CONN_DISCONNECTED:
+            self._on_disconnected(room, "connection state disconnected")
 
     def _on_disconnected(self, room: rtc.Room, reason: object) -> None:
         if self._leaving or room is not self.room or (self._rejoin and not self._rejoin.done()):

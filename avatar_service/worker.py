@@ -110,13 +110,12 @@ class _Conversation:
         self.policy = TurnPolicy(worker.settings, config.language)
         self.paused = False
         self._resume_timer: asyncio.Task[None] | None = None
-        self.pending: asyncio.Queue[tuple[str, UserTurn]] = asyncio.Queue(MAX_PENDING_TURNS)
+        # (entry id, turn, the reply it replaces: a continued turn's dropped reply, else None)
+        self.pending: asyncio.Queue[tuple[str, UserTurn, str | None]] = asyncio.Queue(MAX_PENDING_TURNS)
         self.pending_ids: deque[str] = deque()
         self.speaking: asyncio.Task[None] | None = None
         self.answering: UserTurn | None = None  # the turn being answered, while `speaking`
-        self.answer_began = 0.0  # unix time the avatar began answering it
-        self.replaces: dict[str, str] = {}  # turn id → the reply it replaces (a continued turn's)
-        self.dropped: set[str] = set()  # replies dropped for a continued turn: not remembered
+        self.dropped: str | None = None  # the reply being dropped for a continued turn: not remembered
         self.last_activity = time.time()
 
     async def run(self) -> bool:
@@ -150,17 +149,18 @@ class _Conversation:
             if turn.source == "voice" and not await self._is_a_turn(turn):
                 return
             await self.avatar.on_user_speaking(False)
+            replaces = None
             if self._talking():
                 continued = self._continued_by(turn)
                 BARGE_INS.labels("continued" if continued else "stopped").inc()
                 if continued is not None:
-                    self._join(continued, turn)
+                    replaces = self._join(continued, turn)
                 await self._interrupt()  # the user took the floor: the rest of the reply goes
             if self.pending.full():
                 log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
                 return
             self.pending_ids.append(entry_id)
-            self.pending.put_nowait((entry_id, turn))
+            self.pending.put_nowait((entry_id, turn, replaces))
         elif isinstance(turn, SpeechStarted):
             self.last_activity = time.time()
             await self.avatar.on_user_speaking(True)
@@ -212,18 +212,16 @@ class _Conversation:
         last = self.answering
         if not window or last is None or last.source != "voice" or turn.source != "voice" or not turn.segments:
             return None
-        return last if turn.segments[0].started_at / 1000 - self.answer_began <= window else None
+        began_answering = self.policy.echo.audible_from  # set as the reply began
+        return last if turn.segments[0].started_at / 1000 - began_answering <= window else None
 
-    def _join(self, earlier: UserTurn, turn: UserTurn) -> None:
-        """Answer `earlier` and `turn` as one; the reply begun for `earlier` is dropped unremembered."""
-        dropped = reply_id_of(earlier)
-        self.dropped.add(dropped)
-        if len(self.replaces) >= MAX_PENDING_TURNS:  # bounded: the oldest entry's turn was dropped
-            self.replaces.pop(next(iter(self.replaces)))
-        self.replaces[turn.turn_id] = dropped
+    def _join(self, earlier: UserTurn, turn: UserTurn) -> str:
+        """Make `turn` the whole of `earlier` and itself; the reply begun for `earlier` is dropped
+        unremembered. Returns that reply's id."""
+        self.dropped = reply_id_of(earlier)
         log.info("turn %s continues %s: its reply is dropped", turn.turn_id, earlier.turn_id, extra={"sid": self.sid})
         turn.text = f"{earlier.text} {turn.text}"
-        turn.segments = earlier.segments + turn.segments
+        return self.dropped
 
     async def _heard_over_avatar(self, speech: UserSpeech) -> None:
         """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
@@ -292,7 +290,7 @@ class _Conversation:
         answered = keys.answered(self.sid)
         r = self.w.r
         while True:
-            entry_id, turn = await self.pending.get()
+            entry_id, turn, replaces = await self.pending.get()
             try:
                 if not turn.text.strip() or await r.sismember(answered, turn.turn_id):
                     continue
@@ -307,9 +305,9 @@ class _Conversation:
                 if self.avatar.answers_itself:  # the vendor writes the answer from what was said
                     speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
                 else:  # our brain writes the answer; speech starts with its first sentence
-                    speech = self._answer(reply_id, turn)
+                    speech = self._answer(reply_id, turn, replaces)
                 self.policy.echo.reply_started()
-                self.answering, self.answer_began = turn, time.time()
+                self.answering = turn
                 self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
@@ -319,8 +317,7 @@ class _Conversation:
                 finally:
                     self.policy.echo.reply_ended()
                     self.paused = False
-                    self.answering = None
-                    self.dropped.discard(reply_id)
+                    self.answering = self.dropped = None
                 await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
                 if not self.speaking.cancelled() and self.speaking.exception() is not None:
                     log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
@@ -328,10 +325,9 @@ class _Conversation:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()
 
-    async def _answer(self, reply_id: str, turn: UserTurn) -> None:
+    async def _answer(self, reply_id: str, turn: UserTurn, replaces: str | None) -> None:
         """Ask the brain, speak its sentences as they come, remember what was actually said."""
         reply = await self.w.brain.reply(self.sid, turn.text)
-        replaces = self.replaces.pop(turn.turn_id, None)
         shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply, replaces))
         spoken: str | None = None
         try:
@@ -342,7 +338,7 @@ class _Conversation:
         if reply.error is not None:
             await self.w.bus.publish_event(self.sid, reply.error)
         said = reply.text if spoken is None else spoken
-        if reply_id in self.dropped:  # the user went on: the next reply answers this turn too
+        if reply_id == self.dropped:  # the user went on: the next reply answers this turn too
             return
         try:
             await self.w.brain.remember(self.sid, turn.text, said)

@@ -230,6 +230,13 @@ class _Segment:
     end_s: float
 
 
+def _utterance(kind: str, segments: list[_Segment]) -> SttResult:
+    """The utterance the `is_final` segments make so far, as one result (a final or an interim)."""
+    start, end = segments[0].start_s, segments[-1].end_s
+    return SttResult(kind, text=" ".join(s.text for s in segments), utterance_id=utterance_id(start),
+                     start_s=start, end_s=end)
+
+
 @dataclass
 class _Socket:
     ws: ClientConnection
@@ -694,10 +701,7 @@ class DeepgramStream:
             elif transcript and transcript != shown:
                 # Words no interim carried (Deepgram sends interims on its own clock, about one a
                 # second): the utterance so far, now, so that a barge-in does not wait for the next.
-                first, last = self._segments[0], self._segments[-1]
-                out.append(SttResult("interim", text=" ".join(seg.text for seg in self._segments),
-                                     utterance_id=utterance_id(first.start_s), start_s=first.start_s,
-                                     end_s=last.end_s))
+                out.append(_utterance("interim", self._segments))
         else:
             if self._speech_at is not None and window_end > self._speech_at + EPS_S:
                 self._speech_at = None  # the speech onset produced no words (noise)
@@ -726,10 +730,7 @@ class DeepgramStream:
         self._speech_at = None
         self._interim_open = False
         self._last_interim = None
-        start, end = segments[0].start_s, segments[-1].end_s
-        text = " ".join(s.text for s in segments)
-        final = SttResult("final", text=text, utterance_id=utterance_id(start), start_s=start, end_s=end)
-        return [final, *self._checkpoint(max(window_end, end))]
+        return [_utterance("final", segments), *self._checkpoint(max(window_end, segments[-1].end_s))]
 
     def _checkpoint(self, at: float) -> list[SttResult]:
         if at <= self._covered_s + EPS_S:
