@@ -325,7 +325,7 @@ class _Conversation:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()
 
-    async def _answer(self, reply_id: str, turn: UserTurn, replaces: str | None) -> None:
+    async def _answer(self, reply_id: str, turn: UserTurn, replaces: str | None = None) -> None:
         """Ask the brain, speak its sentences as they come, remember what was actually said."""
         reply = await self.w.brain.reply(self.sid, turn.text)
         shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply, replaces))
