@@ -117,6 +117,10 @@ class _Conversation:
         self.answering: UserTurn | None = None  # the turn being answered, while `speaking`
         self.dropped: str | None = None  # the reply being dropped for a continued turn: not remembered
         self.last_activity = time.time()
+        # When this worker last saw a browser socket live (or took the session). Presence written
+        # just before a Redis failover can be missing on the promoted replica; the grace period
+        # then counts from here, so a page has the whole grace to reconnect.
+        self.seen_present_at = time.time()
 
     async def run(self) -> bool:
         """Returns True when the session ended (as opposed to being handed to another worker)."""
@@ -379,8 +383,10 @@ class _Conversation:
             return True
         left_at = await self.w.store.disconnected_since(self.sid)
         now = time.time()
+        if left_at is None:
+            self.seen_present_at = now
         reason = None
-        if left_at is not None and now - left_at > self.w.settings.session_grace_s:
+        if left_at is not None and now - max(left_at, self.seen_present_at) > self.w.settings.session_grace_s:
             reason = "browser_left"
         elif now - self.last_activity > self.w.settings.session_idle_timeout_s:
             reason = "idle_timeout"

@@ -424,6 +424,39 @@ async def test_a_killed_gateways_sockets_stop_counting_and_sessions_end_after_th
         await asyncio.to_thread(stack.stop_all)
 
 
+async def test_presence_lost_with_a_failed_over_master_does_not_end_a_session_its_page_is_rejoining(
+    redis_url: str,
+) -> None:
+    """A Redis failover can promote a replica that never got the page's latest presence entry
+    (replication is asynchronous), so `conns:{sid}` is gone while the page is reconnecting. The
+    session must still get the whole grace period from when its worker last saw the page, not end
+    at once for a page that "left" when the session was created (the cluster-faults flake)."""
+    grace_s, refresh_s = 6.0, 0.5
+    stack = await asyncio.to_thread(
+        start_stack, redis_url, SESSION_GRACE_S=str(grace_s), BROWSER_PRESENCE_REFRESH_S=str(refresh_s)
+    )
+    try:
+        r = stack.redis()
+        browser = Browser(await create_session(stack.base_url))
+        session, sid = browser.session, browser.session.session_id
+        await browser.connect()
+        await browser.wait_type("session.ready", GUARD_S)
+        await asyncio.sleep(grace_s + 0.5)  # the session is older than its grace period
+        [gateway] = live(stack, "gateway")
+        await asyncio.to_thread(stack.kill, gateway)  # no clean drop: `disconnected_at` stays old
+        await browser.wait_closed(GUARD_S)
+        r.delete(keys.conns(sid))  # what the promoted replica lacks
+        await asyncio.to_thread(stack.start, "gateway")
+        again, _ = await reconnect(session, browser.events[-1]["id"], time.monotonic() + GUARD_S)
+        await asyncio.sleep(3 * refresh_s + 1.0)
+        assert r.hget(keys.session(sid), keys.F_STATE) == b"live", r.hget(keys.session(sid), keys.F_ENDED_REASON)
+        assert not [e for e in again.events if e["type"] == "session.ended"]
+        await again.close(end=True)
+        stack.assert_alive()
+    finally:
+        await asyncio.to_thread(stack.stop_all)
+
+
 # --- a browser that stops reading ---------------------------------------------------------------
 
 PCM_BYTES = 128 * 1024  # one audio event's frame (random: deflate cannot shrink it)
