@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from difflib import SequenceMatcher
 from typing import Literal
 
@@ -34,6 +35,7 @@ FUNCTION_WORDS = frozenset(
 )
 ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
 ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
+ECHO_OVERLAP_S = 1.0  # echo a recognizer writes in front of the user's words may overlap them by this
 SPOKEN_WORDS_PER_S = 2.6  # how fast the avatar speaks, to guess which words were playing when
 ECHO_WINDOW_BEFORE, ECHO_WINDOW_AFTER = 20, 12  # words around that guess (it is only a guess)
 USER_CLAUSE_MAX_OVERLAP = 0.25  # in a text of echo, a clause sharing more than this is echo too
@@ -85,14 +87,16 @@ class Backchannels:
 class BargeInCues:
     """Per-language openings that mean "let me speak" ("wait", "sorry", "hold on"; `BARGE_IN_CUES`):
     an interim that begins with one pauses the avatar at its first word instead of the
-    `barge_in_min_words`-th, a word sooner (the pause is undone if no turn follows)."""
+    `barge_in_min_words`-th, a word sooner (the pause is undone if no turn follows). An interim
+    that ends inside a cue ("Hold", "Excuse") counts too: recognizers write a word as it ends, so
+    waiting for the cue's last word would cost what the cue saves."""
 
     def __init__(self, settings: Settings, language: str) -> None:
         self.phrases = [p.split() for p in phrases_for(settings.barge_in_cues, language)]
 
     def opens(self, text: str) -> bool:
         heard = words_of(text)
-        return any(heard[:len(cue)] == cue for cue in self.phrases)
+        return bool(heard) and any(heard[:len(cue)] == cue[:len(heard)] for cue in self.phrases)
 
 
 class EchoGuard:
@@ -162,14 +166,15 @@ class EchoGuard:
         return self.audible_until == float("inf") and len(heard) <= 3 and found >= 1
 
 
-    def residual(self, text: str, started_at_ms: int = 0) -> str:
+    def residual(self, text: str, started_at_ms: int = 0, keep: Callable[[str], bool] | None = None) -> str:
         """What of `text` is not the avatar's own voice.
 
         With echo all the time the avatar talks, a recognizer hears no pause between its voice and
         the user's: one utterance holds both ("Avatar stack is a self-hostable- Sorry, can it run
         offline?"). So each clause is judged at about the time it was said (the utterance's start
         plus its words so far at a speaking pace) and only the clauses that are not echo remain.
-        A text that is echo as a whole keeps a remainder only if it has two content words."""
+        A text that is echo as a whole keeps a remainder only if it has two content words, or
+        `keep` says it counts anyway (an interim's barge-in cue: "Avatar stack is a- Excuse")."""
         whole = self.match(text, started_at_ms)
         parts = clauses(text)
         if len(parts) <= 1:
@@ -183,7 +188,7 @@ class EchoGuard:
             if at > 0:
                 at += round(len(words_of(part)) / SPOKEN_WORDS_PER_S * 1000)
         rest = " ".join(kept)
-        if whole and len(content_words(words_of(rest))) < 2:
+        if whole and len(content_words(words_of(rest))) < 2 and not (keep is not None and keep(rest)):
             return ""
         return rest
 
@@ -200,6 +205,19 @@ class EchoGuard:
             if any(similar(w, said) for w in words for said in reference):
                 last = i
         return " ".join(tokens[last + 1:])
+
+
+def started_at_of(rest: str, text: str, started_at_ms: int) -> int:
+    """When `rest`, what is left of `text` once its echo is out, began: the echo in front of it
+    was the avatar's words, said at its pace, less `ECHO_OVERLAP_S` of them that may have been
+    said over the user's first words (a recognizer writes both talkers one after the other).
+    (0 stays 0: unknown.)"""
+    heard, kept = words_of(text), words_of(rest)
+    if started_at_ms <= 0 or not kept or heard[:len(kept)] == kept:
+        return started_at_ms
+    probe = kept[:3]
+    before = next((i for i in range(len(heard)) if heard[i:i + len(probe)] == probe), 0)
+    return started_at_ms + round(max(0.0, before / SPOKEN_WORDS_PER_S - ECHO_OVERLAP_S) * 1000)
 
 
 def similar(a: str, b: str) -> bool:
@@ -314,7 +332,7 @@ class TurnPolicy:
                 self.loudness.learn_echo(level_db)  # (the user's voice over it is no echo level)
         if by_level == "echo":
             return ""
-        rest = self.echo.residual(text, started_at)
+        rest = self.echo.residual(text, started_at, self.cues.opens if interim else None)
         if by_level != "user" or words_of(rest):
             return rest
         if interim:

@@ -22,7 +22,7 @@ from prometheus_client import Counter, Histogram
 
 from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
-from avatar_service.turn_policy import TurnPolicy
+from avatar_service.turn_policy import TurnPolicy, started_at_of
 from common import keys
 from common.bus import Bus
 from common.jobs import Job
@@ -116,6 +116,9 @@ class _Conversation:
         self.speaking: asyncio.Task[None] | None = None
         self.answering: UserTurn | None = None  # the turn being answered, while `speaking`
         self.dropped: str | None = None  # the reply being dropped for a continued turn: not remembered
+        # (utterance id, unix ms) where the user's own words began in the utterance heard over the
+        # avatar: its interims show it when the final has lost the echo in front of them.
+        self.words_began: tuple[str, int] | None = None
         self.last_activity = time.time()
         # When this worker last saw a browser socket live (or took the session). Presence written
         # just before a Redis failover can be missing on the promoted replica; the grace period
@@ -184,7 +187,8 @@ class _Conversation:
         the avatar's echo with the user's question): what is echo is dropped from what is answered."""
         talking = self._talking()
         pieces = turn.segments or [TurnSegment(text=turn.text, started_at=0)]
-        kept = [s.model_copy(update={"text": rest}) for s in pieces
+        kept = [s.model_copy(update={"text": rest, "started_at": started_at_of(rest, s.text, s.started_at)})
+                for s in pieces
                 if (rest := self.policy.hear(s.text, avatar_talking=talking, started_at=s.started_at,
                                              level_db=s.level_db)[1])]
         if not kept:
@@ -217,7 +221,10 @@ class _Conversation:
         if not window or last is None or last.source != "voice" or turn.source != "voice" or not turn.segments:
             return None
         began_answering = self.policy.echo.audible_from  # set as the reply began
-        return last if turn.segments[0].started_at / 1000 - began_answering <= window else None
+        began = turn.segments[0].started_at
+        if self.words_began is not None and self.words_began[0] == turn.turn_id:
+            began = max(began, self.words_began[1])
+        return last if began / 1000 - began_answering <= window else None
 
     def _join(self, earlier: UserTurn, turn: UserTurn) -> str:
         """Make `turn` the whole of `earlier` and itself; the reply begun for `earlier` is dropped
@@ -231,11 +238,14 @@ class _Conversation:
         """Words while the avatar talks: pause it for real words (stop, where it cannot pause)."""
         # A held segment is finished speech (the user paused after it): like a final, one word
         # ("Wait.") is enough; a running interim needs BARGE_IN_MIN_WORDS.
-        verdict = self.policy.judge(speech.text, avatar_talking=True, started_at=speech.started_at,
-                                    interim=not speech.held, level_db=speech.level_db)
+        verdict, rest = self.policy.hear(speech.text, avatar_talking=True, started_at=speech.started_at,
+                                         interim=not speech.held, level_db=speech.level_db)
         HEARD.labels(verdict, "interim").inc()
         if verdict != "words":
             return
+        began = started_at_of(rest, speech.text, speech.started_at)  # later than the start: echo was in front
+        if self.words_began is None or self.words_began[0] != speech.utterance_id or began > self.words_began[1]:
+            self.words_began = (speech.utterance_id, began)
         if not self.paused:
             if not await self.avatar.pause():
                 BARGE_INS.labels("stopped").inc()

@@ -20,7 +20,7 @@ from avatar_service.responder import LocalResponder
 from avatar_service.worker import AvatarWorker, _Conversation
 from common import keys
 from common.bus import Bus
-from common.models import SessionConfig, UserTurn
+from common.models import SessionConfig, TurnSegment, UserSpeech, UserTurn
 from common.sessions import SessionStore
 from common.settings import Settings
 from tests.fakes.llm import FakeLlm
@@ -217,3 +217,45 @@ async def test_worker_publishes_the_llm_error_and_speaks_the_apology(
     assert any(e["type"] == "error" and e["code"] == "llm_failed" and not e["fatal"] for e in events)
     await brain.aclose()
     await asyncio.sleep(0)
+
+
+class PausingAvatar(StubAvatar):
+    async def pause(self) -> bool:
+        return True
+
+    async def resume(self) -> None:
+        pass
+
+
+async def test_a_barge_in_heard_after_the_avatars_echo_is_a_new_turn_not_the_rest_of_the_last(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    """One utterance holds the avatar's echo from the start of its answer, then the user's
+    "Sorry, can it run offline?" 2 s in; the final may keep only the user's words with the
+    utterance's start. Its interims showed where the user's words began: not a continuation.
+    The same final with no such interim (the user went on within the window) is one."""
+    settings = settings_for(llm, redis_url=clean_redis)
+    worker = AvatarWorker(r, settings, driver=None, brain=LocalBrain(r, settings, LocalResponder()))  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+    now_ms = int(time.time() * 1000)
+    asked = UserTurn(turn_id="u1", text="Tell me about the avatar providers.", source="voice",
+                     segments=[TurnSegment(text="Tell me about the avatar providers.", started_at=now_ms - 3000)])
+    rest = UserTurn(turn_id="u2", text="Sorry, can it run offline?", source="voice",
+                    segments=[TurnSegment(text="Sorry, can it run offline?", started_at=now_ms + 300)])
+
+    def answering() -> _Conversation:
+        conversation = _Conversation(worker, sid, PausingAvatar(), SessionConfig())  # type: ignore[arg-type]
+        conversation.policy.echo.reply_started()
+        conversation.policy.echo.audible_from = now_ms / 1000
+        conversation.policy.echo.reply_text("avatar-stack is a self-hostable platform for realtime talking avatars.")
+        conversation.answering = asked
+        conversation.speaking = asyncio.get_running_loop().create_future()  # the answer is playing
+        return conversation
+
+    heard_over = answering()
+    await heard_over._heard_over_avatar(UserSpeech(
+        utterance_id="u2", text="Avatar stack is the self-host of the internet. Sorry, can it run off?",
+        started_at=now_ms + 300))
+    assert heard_over.paused
+    assert heard_over._continued_by(rest) is None
+    assert answering()._continued_by(rest) is asked

@@ -22,6 +22,7 @@ from common.pcm import FRAME_BYTES
 from common.settings import Settings
 from stt_service.engine import SttResult, utterance_id
 from stt_service.providers.local import (
+    RISE_INTERIM_S,
     SAMPLE_RATE,
     VAD_WINDOW,
     LocalSttEngine,
@@ -134,6 +135,43 @@ def test_segmenter_needs_sustained_speech_and_silence() -> None:
     assert feed(0.9, 1) == ["resume"]
     kinds = feed(0.1, 20)
     assert kinds[0] == "silence" and kinds.count("end") == 1
+
+
+def test_the_first_interims_come_early_then_at_the_usual_pace() -> None:
+    """A barge-in is judged by its first words, and a two-word cue by its second: the first two
+    interims are FIRST_INTERIM_S apart, the rest `interim_every_s`."""
+    seg = _Segmenter(0, end_silence_s=0.4, interim_every_s=0.7)
+    window = np.zeros(VAD_WINDOW, dtype=np.float32)
+    due_at: list[float] = []
+    for _ in range(int(3.0 * SAMPLE_RATE / VAD_WINDOW)):
+        for event in seg.push(window, 0.9):
+            if event.kind == "interim":
+                due_at.append(seg.since_interim / SAMPLE_RATE)
+                seg.interim_started()
+    assert [round(s, 2) for s in due_at[:4]] == [0.35, 0.35, 0.70, 0.70], due_at
+
+
+def test_a_voice_rising_over_the_utterance_gets_an_interim_soon() -> None:
+    """The avatar's echo starts an utterance; the user talking over it is louder. Their words get
+    an interim RISE_INTERIM_S after the rise, not at the next INTERIM_EVERY_S; a steady level does not."""
+    def interims_at(loud_from_s: float | None) -> list[float]:
+        seg = _Segmenter(0, end_silence_s=0.4, interim_every_s=0.7)
+        at: list[float] = []
+        for i in range(int(3.0 * SAMPLE_RATE / VAD_WINDOW)):
+            t = i * VAD_WINDOW / SAMPLE_RATE
+            gain = 0.2 if loud_from_s is not None and t >= loud_from_s else 0.02
+            window = (gain * np.sin(np.arange(VAD_WINDOW) / 3.0)).astype(np.float32)
+            for event in seg.push(window, 0.9):
+                if event.kind == "interim":
+                    at.append(round(t, 2))
+                    seg.interim_started()
+        return at
+
+    steady, rising = interims_at(None), interims_at(1.7)
+    after = next(t for t in steady if t >= 1.7)
+    sooner = next(t for t in rising if t >= 1.7)
+    assert sooner < after and sooner <= 1.7 + 0.1 + RISE_INTERIM_S, (steady, rising)
+    assert [t for t in steady if t < 1.7] == [t for t in rising if t < 1.7]  # the same before the rise
 
 
 @pytest.mark.slow

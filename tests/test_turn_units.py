@@ -7,7 +7,15 @@ import time
 import numpy as np
 import pytest
 
-from avatar_service.turn_policy import Backchannels, BargeInCues, EchoGuard, TurnPolicy
+from avatar_service.turn_policy import (
+    ECHO_OVERLAP_S,
+    SPOKEN_WORDS_PER_S,
+    Backchannels,
+    BargeInCues,
+    EchoGuard,
+    TurnPolicy,
+    started_at_of,
+)
 from common.pcm import SAMPLE_RATE
 from common.settings import Settings
 from stt_service.turn import AudioTail, TurnDetector, combine, model_path, text_verdict
@@ -111,14 +119,25 @@ def test_an_opening_that_asks_for_the_floor_pauses_at_its_first_word():
     now = int(time.time() * 1000)
     for opening in ("Stop", "Sorry,", "wait", "No", "hold on"):
         assert policy.judge(opening, avatar_talking=True, started_at=now, interim=True) == "words", opening
-    assert policy.judge("Hold", avatar_talking=True, started_at=now, interim=True) == "nothing"  # needs "on"
+    # An interim that ends inside a cue: the rest of it is not written yet.
+    assert policy.judge("Hold", avatar_talking=True, started_at=now, interim=True) == "words"
+    assert policy.judge("Hold it", avatar_talking=True, started_at=now, interim=True) == "words"  # two words
+    assert policy.judge("Holding", avatar_talking=True, started_at=now, interim=True) == "nothing"
     assert policy.judge("Yeah", avatar_talking=True, started_at=now, interim=True) == "backchannel"
     policy.echo.reply_text("The face moves with the voice. Wait for the first sentence.")
     assert policy.judge("Wait", avatar_talking=True, started_at=now, interim=True) == "echo"  # its own word
+    # A cue after the echo, in one utterance: an interim pauses; as a final, one word is no turn.
+    policy.echo.reply_text("Avatar stack is a self-hostable platform for realtime talking avatars.")
+    heard = "Avatar Stack is a self-hostable place. Excuse."
+    assert policy.judge(heard, avatar_talking=True, started_at=now, interim=True) == "words"
+    assert policy.judge(heard, avatar_talking=True, started_at=now) == "echo"
+    assert policy.judge("Avatar Stack is a self-hostable place. Right.", avatar_talking=True, started_at=now,
+                        interim=True) != "words"
     de = BargeInCues(settings(), "de-DE")
     assert de.opens("Moment, wie geht das?") and not de.opens("Wie geht das?")
     custom = BargeInCues(settings(barge_in_cues={"en": "over to me"}), "en")
-    assert custom.opens("over to me now") and not custom.opens("over") and not custom.opens("stop")
+    assert custom.opens("over to me now") and custom.opens("over") and not custom.opens("over there")
+    assert not custom.opens("stop") and not custom.opens("")
 
 
 def test_echo_is_the_avatars_own_words_heard_while_it_could_be_heard():
@@ -232,3 +251,17 @@ def test_audio_tail_range_joins_only_the_chunks_it_spans():
     for start, end in [(held_from, tail.end_s), (tail.end_s - 1.5, tail.end_s), (held_from + 0.13, held_from + 0.5)]:
         lo, hi = round((start - held_from) * SAMPLE_RATE) * 2, round((end - held_from) * SAMPLE_RATE) * 2
         assert tail._between(start, end) == held[lo:hi]
+
+
+def test_the_users_part_of_an_utterance_begins_after_the_echo_in_front_of_it():
+    """An utterance that opens with the avatar's echo and ends with the user's question: the user
+    began speaking when the echo's words were said, not when the utterance began (else a barge-in
+    2 s into a reply looks like the rest of the turn it answers)."""
+    text = "Avatar Stack is a self-hostable spot. Wait, how do I scale it?"
+    begun = started_at_of("Wait, how do I scale it?", text, 10_000)
+    assert begun == 10_000 + round((7 / SPOKEN_WORDS_PER_S - ECHO_OVERLAP_S) * 1000)  # "self-hostable" is two
+    # Two echo words in front may have been said over the user's first ones: no later.
+    assert started_at_of("run it without any keys.", "You said, run it without any keys.", 10_000) == 10_000
+    assert started_at_of(text, text, 10_000) == 10_000  # nothing was taken out
+    assert started_at_of("Wait", "wait", 0) == 0  # unknown stays unknown
+

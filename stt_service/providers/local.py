@@ -4,8 +4,10 @@ Whisper is not a streaming model, so streaming is built around it:
 
 - The Silero VAD that faster-whisper ships runs per 512-sample window with its LSTM state carried
   across calls, so every session gets a speech probability each 32 ms.
-- While the user speaks, the utterance so far is re-transcribed every ~0.7 s for interims; when a
-  transcription is still running the next one is skipped, so work never queues up.
+- While the user speaks, the utterance so far is re-transcribed every ~0.7 s for interims (the
+  first two 0.35 s apart, and one 0.3 s after a louder voice rises over the utterance: barge-in
+  waits for words); when a transcription is still running the next one is skipped, so work never
+  queues up.
 - When silence begins, the utterance up to the silence onset is transcribed *speculatively*: if the
   silence lasts long enough to end the utterance, the final is (nearly) ready by then, so the
   end-of-speech -> final latency is about the end-of-speech silence itself, not silence + model.
@@ -57,7 +59,12 @@ MIN_SPEECH_S = 0.15  # this much speech in a row starts an utterance (clicks and
 END_SILENCE_S = 0.4  # this much silence ends an utterance (a turn detector shortens it: settings)
 PREROLL_S = 0.2  # audio kept before the detected onset, so soft first syllables are not clipped
 INTERIM_EVERY_S = 0.7  # re-transcribe the utterance for an interim after this much new audio
-FIRST_INTERIM_S = 0.35  # ... but the first one sooner: barge-in waits for words
+FIRST_INTERIM_S = 0.35  # ... but the first ones sooner: barge-in waits for words
+EARLY_INTERIMS = 2  # interims FIRST_INTERIM_S apart: a barge-in's words, and then its second word
+# A voice rising over the utterance's level (a user talking over the avatar's echo, which began the
+# utterance) gets an interim this soon after the rise, not at the next INTERIM_EVERY_S.
+RISE_DB = 6.0
+RISE_INTERIM_S = 0.3
 MAX_UTTERANCE_S = 29.0  # force a final here: bounds memory and keeps one Whisper window per final
 CHECKPOINT_EVERY_S = 1.0  # checkpoint cadence while nothing is pending
 
@@ -281,6 +288,8 @@ class _Segmenter:
         self.interim_samples = round(interim_every_s * SAMPLE_RATE)
         self.first_interim_samples = min(self.interim_samples, round(FIRST_INTERIM_S * SAMPLE_RATE))
         self.interims = 0  # interims asked for in this utterance
+        self.rise_samples = round(RISE_INTERIM_S * SAMPLE_RATE)
+        self.level = _Rise()
         self.checkpoint_samples = round(CHECKPOINT_EVERY_S * SAMPLE_RATE)
         self.max_samples = windows(MAX_UTTERANCE_S) * VAD_WINDOW
 
@@ -297,6 +306,7 @@ class _Segmenter:
         self.utt_start = 0
         self.silence_start: int | None = None
         self.since_interim = 0
+        self.rise_due: int | None = None  # absolute index where a rise's interim is due
 
     def push(self, window: np.ndarray, prob: float) -> list[_Event]:
         self.index += VAD_WINDOW
@@ -319,6 +329,7 @@ class _Segmenter:
     def interim_started(self) -> None:
         self.since_interim = 0
         self.interims += 1
+        self.rise_due = None
 
     def _idle(self, window: np.ndarray, prob: float) -> list[_Event]:
         self.recent.append(window)
@@ -338,7 +349,12 @@ class _Segmenter:
             if prob < SILENCE_THRESHOLD:
                 self.silence_start = self.index - VAD_WINDOW
                 return [_Event("silence", self.silence_start)]
-            due = self.interim_samples if self.interims else self.first_interim_samples
+            due = self.interim_samples if self.interims >= EARLY_INTERIMS else self.first_interim_samples
+            if self.level.rose(window):
+                due = min(due, self.since_interim + self.rise_samples)
+                self.rise_due = due - self.since_interim + self.index
+            if self.rise_due is not None and self.index >= self.rise_due:
+                due = 0
             if self.since_interim >= due:
                 return [_Event("interim", self.index)]
             return []
@@ -369,6 +385,8 @@ class _Segmenter:
         self.silence_start = None
         self.since_interim = 0
         self.interims = 0
+        self.rise_due = None
+        self.level = _Rise()
 
     def _end(self, end: int) -> _Event:
         event = _Event("end", end, self.audio(end))
@@ -396,6 +414,32 @@ class _Segmenter:
     def _append(self, window: np.ndarray) -> None:
         self.buffer[self.length : self.length + len(window)] = window
         self.length += len(window)
+
+
+class _Rise:
+    """Whether a voice just rose `RISE_DB` over the utterance's own level: a fast and a slow
+    average of the windows' levels; one rise per crossing (it re-arms once they meet again)."""
+
+    FAST, SLOW = 0.5, 0.05  # weight of the newest window (32 ms): ~60 ms and ~0.6 s
+
+    def __init__(self) -> None:
+        self.fast: float | None = None
+        self.slow = 0.0
+        self.armed = True
+
+    def rose(self, window: np.ndarray) -> bool:
+        level = 10 * float(np.log10(float(np.dot(window, window)) / len(window) + 1e-10))
+        if self.fast is None:
+            self.fast = self.slow = level
+            return False
+        self.fast += self.FAST * (level - self.fast)
+        self.slow += self.SLOW * (level - self.slow)
+        if self.fast - self.slow < RISE_DB / 2:
+            self.armed = True
+        elif self.armed and self.fast - self.slow >= RISE_DB:
+            self.armed = False
+            return True
+        return False
 
 
 @dataclass
