@@ -55,6 +55,10 @@ HEARD = Counter("avatar_heard_total", "Speech heard while the avatar could be he
 BARGE_INS = Counter("avatar_barge_ins_total", "Barge-ins, by outcome", ["outcome"])
 
 READ_BLOCK_MS = 1000
+# A voice's first words come from the recognizer about this long after it began, or later: a
+# continued turn's first words came within TURN_CONTINUATION_S + this of the answer's start.
+WORDS_LAG_S = 1.0
+UNSEEN_GAP_S = 5 * READ_BLOCK_MS / 1000  # idle sessions are checked each READ_BLOCK_MS: longer is an outage
 MAX_PENDING_TURNS = 8
 INTERRUPT_TIMEOUT_S = 3.0
 
@@ -124,6 +128,7 @@ class _Conversation:
         # just before a Redis failover can be missing on the promoted replica; the grace period
         # then counts from here, so a page has the whole grace to reconnect.
         self.seen_present_at = time.time()
+        self.checked_at = time.time()  # the last time `_should_end` could read the session
 
     async def run(self) -> bool:
         """Returns True when the session ended (as opposed to being handed to another worker)."""
@@ -243,7 +248,9 @@ class _Conversation:
         HEARD.labels(verdict, "interim").inc()
         if verdict != "words":
             return
-        began = started_at_of(rest, speech.text, speech.started_at)  # later than the start: echo was in front
+        # The user began after the echo in front of their words, and about WORDS_LAG_S before their
+        # first words came (a final that lost the echo says neither).
+        began = max(started_at_of(rest, speech.text, speech.started_at), speech.ts - round(WORDS_LAG_S * 1000))
         if self.words_began is None or self.words_began[0] != speech.utterance_id or began > self.words_began[1]:
             self.words_began = (speech.utterance_id, began)
         if not self.paused:
@@ -393,8 +400,11 @@ class _Conversation:
             return True
         left_at = await self.w.store.disconnected_since(self.sid)
         now = time.time()
-        if left_at is None:
+        # A page cannot come back while its Redis is failing over either: a long gap since the last
+        # check (this worker could not read the session meanwhile) gives it the grace period anew.
+        if left_at is None or now - self.checked_at > UNSEEN_GAP_S:
             self.seen_present_at = now
+        self.checked_at = now
         reason = None
         if left_at is not None and now - max(left_at, self.seen_present_at) > self.w.settings.session_grace_s:
             reason = "browser_left"

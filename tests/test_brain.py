@@ -259,3 +259,12 @@ async def test_a_barge_in_heard_after_the_avatars_echo_is_a_new_turn_not_the_res
     assert heard_over.paused
     assert heard_over._continued_by(rest) is None
     assert answering()._continued_by(rest) is asked
+    # Words with no echo in front, whose interim came 2.5 s into the answer: begun well after it.
+    late = answering()
+    await late._heard_over_avatar(UserSpeech(utterance_id="u2", text="Sorry, can it run offline?",
+                                             started_at=now_ms + 300, ts=now_ms + 2500))
+    assert late._continued_by(rest) is None
+    soon = answering()  # ... and 0.9 s in: the user only paused
+    await soon._heard_over_avatar(UserSpeech(utterance_id="u2", text="Sorry, can it run offline?",
+                                             started_at=now_ms + 300, ts=now_ms + 900))
+    assert soon._continued_by(rest) is asked
