@@ -93,9 +93,7 @@ def restartable_redis() -> Iterator[RestartableRedis]:
 async def test_redis_restart_ends_lost_sessions_clearly_and_service_recovers(restartable_redis: RestartableRedis):
     stack = await asyncio.to_thread(start_stack, restartable_redis.url)
     try:
-        browser = Browser(await create_session(stack.base_url))
-        await browser.connect()
-        await browser.wait_type("session.ready", 30)
+        browser = await ready_page(stack)
 
         await asyncio.to_thread(restartable_redis.stop)
         await asyncio.sleep(1.0)  # the services notice and retry with backoff
@@ -121,9 +119,7 @@ async def test_redis_restart_ends_lost_sessions_clearly_and_service_recovers(res
         await asyncio.to_thread(stack.wait_workers, "avatar", 1, 60)
         async with httpx.AsyncClient(base_url=stack.base_url) as http:
             assert (await http.get("/healthz")).status_code == 200
-        fresh = Browser(await create_session(stack.base_url))
-        await fresh.connect()
-        await fresh.wait_type("session.ready", 30)
+        fresh = await ready_page(stack)
         await fresh.send_json({"type": "text", "text": "hello"})
         await fresh.wait_type("avatar.reply", 30)
         metric(
@@ -149,6 +145,14 @@ def owner_process(stack: Stack, sid: str, field: str) -> tuple[str, str]:
     pid = int(owner.split("-")[-2])
     [name] = [n for n, p in stack.procs.items() if p.pid == pid and p.poll() is None]
     return owner, name
+
+
+async def ready_page(stack: Stack) -> Browser:
+    """A new session's page, connected and told `session.ready`."""
+    browser = Browser(await create_session(stack.base_url))
+    await browser.connect()
+    await browser.wait_type("session.ready", GUARD_S)
+    return browser
 
 
 def committed(browser: Browser) -> list[dict[str, Any]]:
@@ -209,10 +213,8 @@ async def test_gateway_killed_mid_reply_the_page_resumes_on_a_new_one_losing_not
     stack = await asyncio.to_thread(start_stack, redis_url)
     try:
         r = stack.redis()
-        browser = Browser(await create_session(stack.base_url))
+        browser = await ready_page(stack)
         session, sid = browser.session, browser.session.session_id
-        await browser.connect()
-        await browser.wait_type("session.ready", GUARD_S)
         await browser.stream(speech_pcm("What is avatar stack?"))
         final_1 = await browser.wait_type("transcript.final", GUARD_S)
         await browser.wait_type("avatar.audio", GUARD_S)  # the avatar is mid-reply
@@ -437,10 +439,8 @@ async def test_presence_lost_with_a_failed_over_master_does_not_end_a_session_it
     )
     try:
         r = stack.redis()
-        browser = Browser(await create_session(stack.base_url))
+        browser = await ready_page(stack)
         session, sid = browser.session, browser.session.session_id
-        await browser.connect()
-        await browser.wait_type("session.ready", GUARD_S)
         await asyncio.sleep(grace_s + 0.5)  # the session is older than its grace period
         [gateway] = live(stack, "gateway")
         await asyncio.to_thread(stack.kill, gateway)  # no clean drop: `disconnected_at` stays old
@@ -648,9 +648,7 @@ async def test_a_stalled_speech_engine_holds_bounded_audio_and_counts_what_it_tr
         try:
             stt_metrics = worker_metrics_url(stack, "stt")
             for _ in range(2):
-                browsers.append(browser := Browser(await create_session(stack.base_url)))
-                await browser.connect()
-                await browser.wait_type("session.ready", GUARD_S)
+                browsers.append(await ready_page(stack))
             slow, other = browsers
             slow_conn = await fake.wait_connections(1)
             await fake.wait_connections(2)

@@ -350,12 +350,9 @@ class _Segmenter:
                 self.silence_start = self.index - VAD_WINDOW
                 return [_Event("silence", self.silence_start)]
             due = self.interim_samples if self.interims >= EARLY_INTERIMS else self.first_interim_samples
-            if self.level.rose(window):
-                due = min(due, self.since_interim + self.rise_samples)
-                self.rise_due = due - self.since_interim + self.index
-            if self.rise_due is not None and self.index >= self.rise_due:
-                due = 0
-            if self.since_interim >= due:
+            if self.level.rose(window) and self.rise_due is None:
+                self.rise_due = self.index + self.rise_samples
+            if self.since_interim >= due or (self.rise_due is not None and self.index >= self.rise_due):
                 return [_Event("interim", self.index)]
             return []
         if prob > SPEECH_THRESHOLD:
