@@ -31,7 +31,8 @@ FUNCTION_WORDS = frozenset(
     """a an the and or but so to of in on at for with by from as is are was were be been am it its
     this that these those i you he she we they me my your our their can could would should will do
     does did have has had not no yes what how which who when where why if then than there here
-    just also very""".split()
+    just also very may might must i'm you're we're they're it's that's there's what's who's how's
+    don't doesn't didn't can't isn't aren't won't i'll you'll we'll i've you've i'd you'd let's""".split()
 )
 ECHO_DELAY_S = 0.5  # loudspeaker → room → microphone → network, at most
 ECHO_TAIL_WORDS = 25  # the previous reply's last words can still be echoing as the next one starts
@@ -166,29 +167,34 @@ class EchoGuard:
         return self.audible_until == float("inf") and len(heard) <= 3 and found >= 1
 
 
-    def residual(self, text: str, started_at_ms: int = 0, keep: Callable[[str], bool] | None = None) -> str:
+    def residual(self, text: str, started_at_ms: int = 0, enough: Callable[[str], bool] | None = None) -> str:
         """What of `text` is not the avatar's own voice.
 
         With echo all the time the avatar talks, a recognizer hears no pause between its voice and
         the user's: one utterance holds both ("Avatar stack is a self-hostable- Sorry, can it run
         offline?"). So each clause is judged at about the time it was said (the utterance's start
         plus its words so far at a speaking pace) and only the clauses that are not echo remain.
-        A text that is echo as a whole keeps a remainder only if it has two content words, or
-        `keep` says it counts anyway (an interim's barge-in cue: "Avatar stack is a- Excuse")."""
+        A text that is echo as a whole keeps a remainder only if `enough` says it counts (by
+        default: two content words)."""
         whole = self.match(text, started_at_ms)
         parts = clauses(text)
         if len(parts) <= 1:
             return "" if whole else text
         kept, at = [], started_at_ms
-        for part in parts:
+        for i, part in enumerate(parts):
+            if i and not set(words_of(part)) - FUNCTION_WORDS:
+                # Words everyone says ("who are you?") tell nothing by themselves: the clause goes
+                # with the one before it ("Hold on, who are you?"; "... in your browser, you know").
+                if kept and kept[-1] == parts[i - 1]:
+                    kept.append(part)
             # Inside a text that is echo as a whole, a clause is the user's only when it shares
             # (almost) nothing with what the avatar was saying: echo is misheard clause by clause.
-            if not self.match(part, at, USER_CLAUSE_MAX_OVERLAP if whole else None):
+            elif not self.match(part, at, USER_CLAUSE_MAX_OVERLAP if whole else None):
                 kept.append(part)
             if at > 0:
                 at += round(len(words_of(part)) / SPOKEN_WORDS_PER_S * 1000)
         rest = " ".join(kept)
-        if whole and len(content_words(words_of(rest))) < 2 and not (keep is not None and keep(rest)):
+        if whole and not (enough or _two_content_words)(rest):
             return ""
         return rest
 
@@ -220,9 +226,14 @@ def started_at_of(rest: str, text: str, started_at_ms: int) -> int:
     return started_at_ms + round(max(0.0, before / SPOKEN_WORDS_PER_S - ECHO_OVERLAP_S) * 1000)
 
 
+def _two_content_words(text: str) -> bool:
+    return len(content_words(words_of(text))) >= 2
+
+
 def similar(a: str, b: str) -> bool:
-    """The same word, misheard a little: equal, sharing a 4-letter start, or (long words) mostly
-    the same letters."""
+    """The same word, misheard a little: equal but for an apostrophe ("you're" for "your"),
+    sharing a 4-letter start, or (long words) mostly the same letters."""
+    a, b = a.replace("'", ""), b.replace("'", "")
     if a == b:
         return True
     if min(len(a), len(b)) >= 4 and a[:4] == b[:4]:
@@ -332,12 +343,30 @@ class TurnPolicy:
                 self.loudness.learn_echo(level_db)  # (the user's voice over it is no echo level)
         if by_level == "echo":
             return ""
-        rest = self.echo.residual(text, started_at, self.cues.opens if interim else None)
+        rest = self.echo.residual(text, started_at, self._interim_counts if interim else self._final_counts)
         if by_level != "user" or words_of(rest):
             return rest
         if interim:
-            return text  # the user is speaking over it: what was heard is theirs, misheard or not
+            # The user is speaking over it: what was heard is theirs, misheard or not, unless what
+            # follows the avatar's words is a backchannel ("... self-hostable platform. Yeah.").
+            tail = self.echo.after_echo(text, started_at)
+            return tail if self.backchannels.match(tail) else text
         # A loud final the words call echo: the user's part is what follows the avatar's words. A
         # final made only of the avatar's words is not answered, however loud.
         tail = self.echo.after_echo(text, started_at)
-        return tail if content_words(words_of(tail)) and set(words_of(tail)) - FUNCTION_WORDS else ""
+        return tail if self._final_counts(tail) else ""
+
+    def _interim_counts(self, rest: str) -> bool:
+        """An interim's words after the echo count with two content words or a barge-in cue
+        ("Avatar stack is a- Excuse"): a pause is undone if no turn follows."""
+        return _two_content_words(rest) or self.cues.opens(rest)
+
+    def _final_counts(self, rest: str) -> bool:
+        """A final's words after the echo are answered only with two content words, a question
+        ("why do I scale it?") or a barge-in cue and more ("Hold on, who are you?"). Not a lone
+        "No.", and not the words a recognizer made of a noise heard once the avatar paused
+        ("... self-host to be confirmed.")."""
+        words = words_of(rest)
+        if _two_content_words(rest) or (rest.rstrip().endswith("?") and len(words) >= 3):
+            return True
+        return any(words[:len(cue)] == cue and len(words) > len(cue) for cue in self.cues.phrases)

@@ -212,8 +212,10 @@ async def run_scenarios(base_url: str, echo_db: float | None, echo_ms: int, only
                         or (e["type"] == "avatar.stopped_talking" and e.get("interrupted"))), 3.0)
                 await room.quiet()
                 stopped = any(e.get("interrupted") for e in since(room, over, "avatar.stopped_talking"))
-                paused = bool(since(room, over, "avatar.paused"))
-                row = {"item": item, "stopped": stopped, "paused": paused,
+                pauses = since(room, over, "avatar.paused")
+                resumed = [e for e in since(room, over, "avatar.resumed") if pauses and e["_rx"] >= pauses[0]["_rx"]]
+                row = {"item": item, "stopped": stopped, "paused": bool(pauses),
+                       "paused_for_s": resumed[0]["_rx"] - pauses[0]["_rx"] if resumed else None,
                        "quiet_after_s": None if quiet is None else quiet["_rx"] - onset,
                        "turns_after": len({e["turn_id"] for e in since(room, over, "avatar.reply")})}
                 results.setdefault(kind, []).append(row)
@@ -256,9 +258,12 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
     plain, paused = results.get("plain", []), results.get("paused", [])
     latency = [r["first_audio_s"] for r in plain if r.get("first_audio_s") is not None and r["turns"] == 1]
+    # A paused question's wait after its end: the turn model says "finished" or the silence cap does.
+    paused_latency = [r["first_audio_s"] for r in paused if not r["premature"] and r.get("first_audio_s") is not None]
     over = results.get("backchannel", []) + results.get("noise", [])
     barge = results.get("barge_in", [])
     quiet = [r["quiet_after_s"] for r in barge if r.get("quiet_after_s") is not None]
+    held = [r["paused_for_s"] for r in over if r.get("paused_for_s") is not None and not r.get("stopped")]
     echo_rooms = results.get("echo", [])
     self_answers = sum(r["self_answers"] for r in echo_rooms) + sum(max(0, r["turns"] - 1) for r in plain)
     self_interrupt = sum(r["self_interruptions"] for r in echo_rooms) + sum(r.get("interrupted", 0) for r in plain)
@@ -268,6 +273,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "paused_answered_as_one": rate(paused, "answered_as_one"),
         "false_barge_ins": rate(over, "stopped"),
         "false_pauses_resumed": f"{sum(bool(r.get('paused')) and not r.get('stopped') for r in over)}/{len(over)}",
+        "false_pause_s": {"median": statistics.median(held) if held else None, "max": max(held, default=None)},
         "missed_barge_ins": f"{sum(r.get('quiet_after_s') is None or r['quiet_after_s'] > 2.0 for r in barge)}"
                             f"/{len(barge)}",
         "barge_in_quiet_s": {"median": statistics.median(quiet) if quiet else None,
@@ -277,6 +283,10 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "end_of_speech_to_first_audio_s": {
             "median": statistics.median(latency) if latency else None, "p95": pct(latency, 0.95) if latency else None,
             "n": len(latency),
+        },
+        "paused_end_of_speech_to_first_audio_s": {
+            "median": statistics.median(paused_latency) if paused_latency else None,
+            "p95": pct(paused_latency, 0.95) if paused_latency else None, "n": len(paused_latency),
         },
     }
     return {"summary": summary, "rows": results}

@@ -296,7 +296,7 @@ class AudioTail:
 
     def _between(self, start_s: float, end_s: float) -> bytes:
         """The PCM held from `start_s` to `end_s`, joining only the chunks in that span (an interim's
-        level looks at its last 1.5 s several times a second: not at the whole tail each time)."""
+        level looks at its last 0.75 s several times a second: not at the whole tail each time)."""
         parts: list[bytes] = []
         to_s = self.end_s
         for chunk in reversed(self.chunks):
@@ -310,10 +310,6 @@ class AudioTail:
             to_s = from_s
         return b"".join(reversed(parts))
 
-    def until(self, end_s: float) -> np.ndarray:
-        """Audio up to session time `end_s` (as much of the last `keep_s` as is held)."""
-        pcm = b"".join(self.chunks)
-        cut = max(0, round((self.end_s - end_s) * SAMPLE_RATE) * 2)
-        if cut:
-            pcm = pcm[: max(0, len(pcm) - cut)]
-        return pcm16_to_float(pcm[-self.keep:])
+    def span(self, start_s: float, end_s: float) -> np.ndarray:
+        """Audio from session time `start_s` to `end_s`, as much of it as is held (float samples)."""
+        return pcm16_to_float(self._between(start_s, end_s))

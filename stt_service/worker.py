@@ -274,7 +274,10 @@ class _SttSession:
         )
 
 
-RECENT_LEVEL_S = 1.5  # an interim's level is that of its latest audio: who is speaking now
+# An interim's level is that of its latest audio: who is speaking now. Short enough that a one-word
+# cue ("Wait," ~0.15 s loud) over the echo is in the loudest tenth within 0.2 s (1.5 s took 0.8 s).
+RECENT_LEVEL_S = 0.75
+TURN_LEAD_S = 0.3  # the voice-activity onset lags the first sound of a word by about this much
 EARLY_FINALIZE_QUIET_S = 0.25  # quiet this long after a finished question: Finalize
 MAX_HELD_TURN_S = 30.0  # a turn held across pauses ends at this length whatever its words say
 MAX_HELD_SEGMENTS = 16
@@ -326,7 +329,12 @@ class _Turn:
             await self.flush()  # someone who talks on and on still gets an answer (and a bound)
             return
         turns = self.s.w.turns
-        audio = self.s.tail.until(result.end_s + TRAILING_S) if turns.wants_audio(text) else None
+        audio = None
+        if turns.wants_audio(text):
+            # The model hears this turn alone, as it was trained (Pipecat gives it the audio since the
+            # user began): not the avatar's echo or the talk before it, which made finished questions
+            # score 0.01-0.1 here and wait the whole `turn_max_wait_s`.
+            audio = self.s.tail.span(self.held[0].start_s - TURN_LEAD_S, result.end_s + TRAILING_S)
         verdict = await turns.decide(text, audio)
         TURN_DECISIONS.labels(
             "complete" if verdict.complete else "incomplete", "words" if verdict.p_audio is None else "audio"

@@ -19,6 +19,7 @@ from avatar_service.turn_policy import (
 from common.pcm import SAMPLE_RATE
 from common.settings import Settings
 from stt_service.turn import AudioTail, TurnDetector, combine, model_path, text_verdict
+from stt_service.worker import RECENT_LEVEL_S
 from tests.speech import speech_available, speech_pcm
 
 
@@ -96,8 +97,8 @@ def test_audio_tail_is_bounded_and_maps_session_time_to_arrival():
         t += 0.02
         tail.append(b"\x01\x00" * 320, t)
     assert tail.nbytes <= 1.0 * SAMPLE_RATE * 2 + 640
-    assert len(tail.until(t)) <= SAMPLE_RATE + 320
-    assert len(tail.until(t - 0.5)) == len(tail.until(t)) - SAMPLE_RATE // 2
+    assert len(tail.span(0.0, t)) <= SAMPLE_RATE + 320
+    assert len(tail.span(t - 0.8, t - 0.5)) == round(0.3 * SAMPLE_RATE)
     now_ms = time.time() * 1000
     assert abs(tail.received_at_ms(t) - now_ms) < 1000
 
@@ -198,6 +199,15 @@ def test_echo_misheard_clause_by_clause_stays_echo():
     assert policy.judge("M. H. N.", avatar_talking=True, started_at=now) == "backchannel"  # a hum, spelled
 
 
+def test_echo_written_with_a_contraction_is_still_echo():
+    policy = TurnPolicy(settings(), "en")
+    policy.echo.reply_started()
+    policy.echo.reply_text("You speak in your browser, your speech is turned into text.")
+    now = int(time.time() * 1000)
+    assert policy.judge("You're", avatar_talking=True, started_at=now) == "echo"  # "your", misheard
+    assert policy.judge("You're speech is turned into text.", avatar_talking=True, started_at=now) == "echo"
+
+
 def test_loudness_tells_the_user_from_the_echo_once_both_are_known():
     policy = TurnPolicy(settings(), "en")
     assert policy.judge("What is avatar stack?", avatar_talking=False, level_db=-18.0) == "words"  # learns the user
@@ -218,6 +228,21 @@ def test_loudness_tells_the_user_from_the_echo_once_both_are_known():
     assert policy.hear("Each worker holds a short lease fight for how do I scale it", **final) == (
         "words", "fight for how do I scale it")
     assert policy.judge("Wait, how do I scale it?", **over) == "words"  # the user's own words: at once
+    # ... but a backchannel after the avatar's words, said over it, is still a backchannel
+    assert policy.judge("Each worker holds a short lease. Yeah.", **over) == "backchannel"
+    # a final's remainder after the echo needs two content words or a cue and more ("Sorry, who are you?"):
+    # not the words a recognizer makes of a noise once the avatar paused, however loud
+    assert policy.judge("Each worker holds a short lease to be confirmed.", **final) == "echo"
+    assert policy.judge("Each worker holds a short lease, and may chant.", **final) == "echo"
+    assert policy.judge("Each worker holds a short lease, and may chant.", avatar_talking=True,
+                        started_at=now) == "echo"  # (by its words alone too)
+    assert policy.hear("Each worker holds a short lease, sorry, who are you?", **final) == (
+        "words", "sorry, who are you?")
+    assert policy.hear("Each worker holds a short lease. Excuse me, who are you?", **final) == (
+        "words", "Excuse me, who are you?")  # ("who are you?" goes with the clause before it)
+    assert policy.hear("Each worker holds a short lease, why do I scale it?", **final) == (
+        "words", "why do I scale it?")  # ("Wait," misheard): a question
+    assert policy.judge("Each worker holds a short lease. You know.", **final) == "echo"
     # levels too close together say nothing: the words decide
     close = TurnPolicy(settings(), "en")
     close.judge("Hello there", avatar_talking=False, level_db=-20.0)
@@ -236,6 +261,17 @@ def test_audio_tail_level_is_the_loud_part_of_a_range():
     assert abs(tail.level_db(0.0, 1.0) - -33.5) < 1.0
     assert abs(tail.level_db(0.0, 1.5) - -13.5) < 1.0  # a third of it loud: the loud part counts
     assert tail.level_db(2.0, 3.0) is None  # not heard yet
+
+
+def test_an_interims_level_window_hears_a_one_word_cue_over_the_echo():
+    tail = AudioTail()
+    echo = (np.sin(np.arange(32000) / 5) * 0.05 * 32767).astype("<i2").tobytes()  # ~ -29 dBFS, 2 s
+    cue = (np.sin(np.arange(1920) / 5) * 0.3 * 32767).astype("<i2").tobytes()  # "Wait,": 0.12 s, ~ -13
+    tail.append(echo, 2.0)
+    tail.append(cue, 2.12)
+    tail.append(echo[:2080], 2.25)  # the comma's pause, with the echo going on under it
+    assert tail.level_db(2.25 - RECENT_LEVEL_S, 2.25) > -16  # the user's level: a barge-in, by loudness
+    assert tail.level_db(2.25 - 1.5, 2.25) < -25  # a 1.5 s window still heard only the echo
 
 
 def test_audio_tail_range_joins_only_the_chunks_it_spans():
@@ -265,3 +301,43 @@ def test_the_users_part_of_an_utterance_begins_after_the_echo_in_front_of_it():
     assert started_at_of(text, text, 10_000) == 10_000  # nothing was taken out
     assert started_at_of("Wait", "wait", 0) == 0  # unknown stays unknown
 
+
+
+async def test_the_turn_model_hears_the_turn_alone_not_the_talk_before_it():
+    """Smart Turn was trained on one turn's audio (Pipecat gives it the audio since the user began).
+    With 8 s of whatever came before (the avatar's echo, the previous question) it scored finished
+    questions 0.01-0.1 on the bench, so every one that Whisper ended with a full stop waited out
+    `turn_max_wait_s`."""
+    from types import SimpleNamespace
+
+    from stt_service.engine import SttResult
+    from stt_service.turn import TRAILING_S
+    from stt_service.worker import TURN_LEAD_S, _Turn
+
+    heard: list[np.ndarray] = []
+
+    class Listening(TurnDetector):
+        def wants_audio(self, text: str) -> bool:
+            return True
+
+        async def decide(self, text: str, audio: np.ndarray | None):
+            heard.append(audio)
+            return await super().decide(text, None)  # no model here: the words decide (complete)
+
+    flushed: list[list[SttResult]] = []
+
+    async def publish_final(held: list[SttResult]) -> None:
+        flushed.append(held)
+
+    async def checkpoint(t: float) -> None:
+        pass
+
+    tail = AudioTail()
+    for i in range(400):  # 8 s of session audio: talk before the turn, then the turn from 6.0 s
+        tail.append(b"\x10\x00" * 320, (i + 1) * 0.02)
+    session = SimpleNamespace(tail=tail, sid="s1", _publish_final=publish_final, _checkpoint=checkpoint,
+                              w=SimpleNamespace(turns=Listening(settings()), settings=settings()))
+    turn = _Turn(session)
+    await turn.segment(SttResult("final", "It runs on a laptop.", "u1", 6.0, 7.5))
+    assert flushed, "a statement the words call finished, with no model opinion, ends the turn"
+    assert len(heard[0]) == round((7.5 + TRAILING_S - (6.0 - TURN_LEAD_S)) * SAMPLE_RATE)
