@@ -99,6 +99,11 @@ class BargeInCues:
         heard = words_of(text)
         return bool(heard) and any(heard[:len(cue)] == cue[:len(heard)] for cue in self.phrases)
 
+    def leads(self, text: str) -> bool:
+        """A whole cue and more after it ("Hold on, who are you?"): the user's own sentence."""
+        heard = words_of(text)
+        return any(heard[:len(cue)] == cue and len(heard) > len(cue) for cue in self.phrases)
+
 
 class EchoGuard:
     """The avatar's own recent words, and the span of wall time in which they could be heard.
@@ -180,17 +185,19 @@ class EchoGuard:
         parts = clauses(text)
         if len(parts) <= 1:
             return "" if whole else text
-        kept, at = [], started_at_ms
+        kept, at, previous_kept = [], started_at_ms, False
         for i, part in enumerate(parts):
             if i and not set(words_of(part)) - FUNCTION_WORDS:
                 # Words everyone says ("who are you?") tell nothing by themselves: the clause goes
                 # with the one before it ("Hold on, who are you?"; "... in your browser, you know").
-                if kept and kept[-1] == parts[i - 1]:
-                    kept.append(part)
-            # Inside a text that is echo as a whole, a clause is the user's only when it shares
-            # (almost) nothing with what the avatar was saying: echo is misheard clause by clause.
-            elif not self.match(part, at, USER_CLAUSE_MAX_OVERLAP if whole else None):
+                keep = previous_kept
+            else:
+                # Inside a text that is echo as a whole, a clause is the user's only when it shares
+                # (almost) nothing with what the avatar was saying: echo is misheard clause by clause.
+                keep = not self.match(part, at, USER_CLAUSE_MAX_OVERLAP if whole else None)
+            if keep:
                 kept.append(part)
+            previous_kept = keep
             if at > 0:
                 at += round(len(words_of(part)) / SPOKEN_WORDS_PER_S * 1000)
         rest = " ".join(kept)
@@ -366,7 +373,5 @@ class TurnPolicy:
         ("why do I scale it?") or a barge-in cue and more ("Hold on, who are you?"). Not a lone
         "No.", and not the words a recognizer made of a noise heard once the avatar paused
         ("... self-host to be confirmed.")."""
-        words = words_of(rest)
-        if _two_content_words(rest) or (rest.rstrip().endswith("?") and len(words) >= 3):
-            return True
-        return any(words[:len(cue)] == cue and len(words) > len(cue) for cue in self.cues.phrases)
+        asked = rest.rstrip().endswith("?") and len(words_of(rest)) >= 3
+        return _two_content_words(rest) or asked or self.cues.leads(rest)

@@ -246,9 +246,11 @@ class _Conversation:
         verdict, rest = self.policy.hear(speech.text, avatar_talking=True, started_at=speech.started_at,
                                          interim=not speech.held, level_db=speech.level_db)
         HEARD.labels(verdict, "interim").inc()
-        loud = self.policy.loudness
-        log.debug("heard over the avatar (%s): %r level %s (user %s, echo %s)", verdict, speech.text, speech.level_db,
-                  loud.user and round(loud.user, 1), loud.echo and round(loud.echo, 1), extra={"sid": self.sid})
+        if log.isEnabledFor(logging.DEBUG):  # (several times a second per session: no work unless asked)
+            loud = self.policy.loudness
+            log.debug("heard over the avatar (%s): %r level %s (user %s, echo %s)", verdict, speech.text,
+                      speech.level_db, loud.user and round(loud.user, 1), loud.echo and round(loud.echo, 1),
+                      extra={"sid": self.sid})
         if verdict != "words":
             return
         # The user began after the echo in front of their words, and about WORDS_LAG_S before their

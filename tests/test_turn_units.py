@@ -302,7 +302,6 @@ def test_the_users_part_of_an_utterance_begins_after_the_echo_in_front_of_it():
     assert started_at_of("Wait", "wait", 0) == 0  # unknown stays unknown
 
 
-
 async def test_the_turn_model_hears_the_turn_alone_not_the_talk_before_it():
     """Smart Turn was trained on one turn's audio (Pipecat gives it the audio since the user began).
     With 8 s of whatever came before (the avatar's echo, the previous question) it scored finished
