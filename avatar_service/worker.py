@@ -24,7 +24,7 @@ from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
 from avatar_service.turn_policy import TurnPolicy, started_at_of
 from common import keys
-from common.bus import Bus
+from common.bus import Bus, is_redis_failure
 from common.jobs import Job
 from common.metrics import HOP_BUCKETS, entry_age_s
 from common.models import (
@@ -139,6 +139,8 @@ class _Conversation:
         speaker = asyncio.create_task(self._speaker())
         try:
             while True:
+                if speaker.done():  # it failed: hand the session back (or end it) rather than go deaf
+                    speaker.result()
                 turns = await self.w.bus.read_turns(self.sid, after, READ_BLOCK_MS)
                 if not turns and await self._should_end():
                     return True
@@ -344,9 +346,13 @@ class _Conversation:
                     self.policy.echo.reply_ended()
                     self.paused = False
                     self.answering = self.dropped = None
+                failed = None if self.speaking.cancelled() else self.speaking.exception()
+                if failed is not None and is_redis_failure(failed):
+                    raise failed  # the field stays: whoever serves the session next closes the reply
+                if failed is not None:
+                    log.error("speaking failed: %r", failed, extra={"sid": self.sid})
+                    await self._close_cut_reply(reply_id)  # the page must not show it speaking on
                 await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
-                if not self.speaking.cancelled() and self.speaking.exception() is not None:
-                    log.error("speaking failed: %r", self.speaking.exception(), extra={"sid": self.sid})
             finally:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()
@@ -387,10 +393,11 @@ class _Conversation:
             await reply.changed.wait()
 
     async def _close_cut_reply(self, reply_id: str) -> None:
-        """The previous owner died (or was handed over) mid-reply: its `avatar.stopped_talking` never
-        came and the turn counts as answered, so say it here, once, or the page shows it speaking."""
+        """A reply was cut without its `avatar.stopped_talking` (its owner died or was handed over
+        mid-reply, or its speech failed) and the turn counts as answered: say it here, once, or the
+        page shows the avatar speaking on."""
         if await self.w.r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY):
-            log.info("closing reply %s cut by the previous owner", reply_id, extra={"sid": self.sid})
+            log.info("closing reply %s, cut before its end", reply_id, extra={"sid": self.sid})
             await self.w.bus.publish_event(self.sid, AvatarStoppedTalking(reply_id=reply_id, interrupted=True))
 
     async def _save_cursor(self, last_read: str) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
@@ -26,24 +28,33 @@ from common.pipelining import PipelinedXadd
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # What "Redis failed" means to the services: a cluster client also raises RedisClusterException
 # (not a RedisError) while it cannot map a slot to a node, e.g. during a failover.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, RedisClusterException)
+# The cluster client and the connections it drives: their state is what a failover half updates.
 _CLUSTER_CLIENT_FILES = frozenset(
-    os.path.join(os.path.dirname(redis.__file__), *path) for path in (("cluster.py",), ("asyncio", "cluster.py"))
+    os.path.join(os.path.dirname(redis.__file__), *path)
+    for path in (("cluster.py",), ("asyncio", "cluster.py"), ("connection.py",), ("asyncio", "connection.py"))
 )
 
 
 def is_redis_failure(exc: BaseException) -> bool:
-    """A Redis error, or any exception raised inside redis-py's cluster client, which has raised
-    AttributeError and the like while its view of the cluster is half updated in a failover
-    (redis/redis-py#3815, #3835, #3997): an outage to wait out, not a bug of the session. Only the
-    cluster client's own code: our bad arguments failing deeper in redis-py stay bugs (handed
-    back, they would fail again on every claim)."""
+    """A Redis error, or a plain exception raised inside redis-py's cluster client or its
+    connections: an outage to wait out, not a bug of the session. In a failover the client closes
+    every connection (its own reaction to CLUSTERDOWN) while other tasks are sending on them, and
+    raises AttributeError and the like while its view is half updated (redis/redis-py#3815, #3835,
+    #3997; measured here: `'NoneType' object has no attribute 'writelines'` for commands to the
+    healthy masters). Only those files: our bad arguments fail in redis-py's encoder and stay bugs
+    (handed back, they would fail again on every claim)."""
     if isinstance(exc, REDIS_ERRORS):
         return True
+    return _raised_inside_the_client(exc)
+
+
+def _raised_inside_the_client(exc: BaseException) -> bool:
     if not isinstance(exc, Exception):
         return False
     tb, last = exc.__traceback__, None
@@ -90,11 +101,18 @@ class _RedisCluster(RedisCluster):
     On a connection error it re-reads the slot map and retries at once, a few times: over in
     milliseconds, while a replica takes `cluster-node-timeout` (and an election) to replace a dead
     master. And on CLUSTERDOWN it closes every connection of the client, to every node, which
-    breaks commands in flight to healthy nodes too. So here a command that failed that way is tried
-    again with backoff for up to FAILOVER_S: commands of sessions on the healthy masters go on, and
-    those of the dead master's sessions wait for its replica instead of failing."""
+    breaks commands in flight to healthy nodes too (they then fail with ConnectionError, or with
+    AttributeError from a connection closed under them). So here a command or pipeline that failed
+    that way is sent again with backoff for up to FAILOVER_S: commands of sessions on the healthy
+    masters go on, and those of the dead master's sessions wait for its replica instead of failing."""
 
     RETRYABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError, RedisClusterException)
+
+    @classmethod
+    def retryable(cls, exc: BaseException) -> bool:
+        """Worth sending again once the cluster heals: a connection or cluster error, or the client's
+        own state tripping over itself mid-failover (never a Redis error reply such as WRONGTYPE)."""
+        return isinstance(exc, cls.RETRYABLE) or (not isinstance(exc, RedisError) and _raised_inside_the_client(exc))
 
     async def _determine_slot(self, command: str, *args):
         # XREAD / XREADGROUP have "movable keys": redis-py would ask the server (COMMAND GETKEYS, a
@@ -112,16 +130,56 @@ class _RedisCluster(RedisCluster):
         return await super()._determine_slot(command, *args)
 
     async def execute_command(self, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        deadline, delay = loop.time() + FAILOVER_S, 0.05
-        while True:
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except self.RETRYABLE:
-                if loop.time() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(1.0, delay * 2)
+        return await patiently(lambda: super(_RedisCluster, self).execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: bool | None = None, shard_hint: None = None) -> _PatientPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _PatientPipeline(self, transaction)
+
+
+async def patiently(send: Callable[[], Awaitable[T]]) -> T:
+    """`send()`, and again with backoff while it fails as a failing-over cluster makes it fail,
+    for up to FAILOVER_S."""
+    loop = asyncio.get_running_loop()
+    deadline, delay = loop.time() + FAILOVER_S, 0.05
+    while True:
+        try:
+            return await send()
+        except Exception as exc:
+            if not _RedisCluster.retryable(exc) or loop.time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
+
+
+class _PatientPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline, sent again like a single command (see `_RedisCluster`): its own
+    retry closes every connection and tries three times in 0.75 s, less than a replica takes."""
+
+    def __init__(self, client: RedisCluster, transaction: bool | None = None) -> None:
+        super().__init__(client, transaction)
+        self._queued: list[tuple[tuple, dict]] = []  # what to queue again for another attempt
+
+    async def initialize(self) -> ClusterPipeline:  # `async with` reads the slot map first
+        return await patiently(super().initialize)
+
+    def execute_command(self, *args, **kwargs) -> ClusterPipeline:
+        self._queued.append((args, dict(kwargs)))
+        return super().execute_command(*args, **kwargs)
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list:
+        queued, self._queued, attempts = self._queued, [], 0
+
+        async def send() -> list:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # the failed attempt reset the pipeline
+                for args, kwargs in queued:
+                    super(_PatientPipeline, self).execute_command(*args, **dict(kwargs))
+            return await super(_PatientPipeline, self).execute(raise_on_error, allow_redirections)
+
+        return await patiently(send)
 
 
 def connect_url(

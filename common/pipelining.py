@@ -87,12 +87,14 @@ class PipelinedXadd:
         while True:
             try:
                 got = await pipe.execute(raise_on_error=False)
-            except _RedisCluster.RETRYABLE as exc:
+            except Exception as exc:
+                if not _RedisCluster.retryable(exc):
+                    raise
                 got = [exc] * len(todo)
             again = []
             for i, result in zip(todo, got, strict=True):
                 results[i] = result
-                if isinstance(result, _RedisCluster.RETRYABLE):
+                if isinstance(result, Exception) and _RedisCluster.retryable(result):
                     again.append(i)
             if not again or loop.time() + delay > deadline:
                 return results

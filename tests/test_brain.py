@@ -6,6 +6,7 @@ The LLM is `tests/fakes/llm.py` (an OpenAI-compatible streaming server on loopba
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -268,3 +269,76 @@ async def test_a_barge_in_heard_after_the_avatars_echo_is_a_new_turn_not_the_res
     await soon._heard_over_avatar(UserSpeech(utterance_id="u2", text="Sorry, can it run offline?",
                                              started_at=now_ms + 300, ts=now_ms + 900))
     assert soon._continued_by(rest) is asked
+
+
+class FailingAvatar(StubAvatar):
+    """Speaks one sentence, then its speech fails with `error` (once)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error: Exception | None = error
+
+    async def speak(self, reply_id: str, text, *, user_text: str | None = None) -> str:
+        async for sentence in text:
+            self.heard.append(sentence)
+            if self.error is not None:
+                error, self.error = self.error, None
+                raise error
+        return " ".join(self.heard)
+
+    async def on_user_speaking(self, speaking: bool) -> None:
+        return None
+
+
+async def _events(r: aioredis.Redis, sid: str, kind: str) -> list[dict]:
+    return [e for _, f in await r.xrange(keys.events(sid)) if (e := orjson.loads(f[b"e"]))["type"] == kind]
+
+
+async def _until(predicate, timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):  # a hang guard only
+        while not await predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("failure", ["redis", "bug"])
+async def test_a_reply_whose_speech_fails_is_closed_for_the_page_and_the_next_turn_is_answered(
+    failure: str, r: aioredis.Redis, clean_redis: str
+) -> None:
+    """A Redis outage longer than the client's retries mid-reply (or a bug in the avatar's speech)
+    once left the page showing the avatar speaking for good, and a failure just before speaking
+    killed the session's speaker unseen: the session read on but never answered again. Now a Redis
+    failure hands the session back (the conversation raises it, the next owner closes the reply),
+    and a bug closes the reply here; either way the next turn is answered."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    settings = settings_for(None, redis_url=clean_redis)
+    worker = AvatarWorker(r, settings, driver=None, brain=LocalBrain(r, settings, LocalResponder()))  # type: ignore[arg-type]
+    bus = Bus(r, settings)
+    sid, _ = await SessionStore(r, bus).create(SessionConfig())
+    error = RedisConnectionError("Redis went away") if failure == "redis" else RuntimeError("speech bug")
+    avatar = FailingAvatar(error)
+    await bus.publish_turn(sid, UserTurn(turn_id="t1", text="What is avatar stack?", source="text"))
+    conversation = asyncio.create_task(_Conversation(worker, sid, avatar, SessionConfig()).run())  # type: ignore[arg-type]
+    if failure == "redis":
+        with pytest.raises(RedisConnectionError):
+            async with asyncio.timeout(20):  # a hang guard: before, the conversation never noticed
+                await conversation
+        assert await r.hget(keys.session(sid), keys.F_AVATAR_REPLY) == b"r-t1"  # for the next owner
+        conversation = asyncio.create_task(_Conversation(worker, sid, avatar, SessionConfig()).run())  # type: ignore[arg-type]
+
+    async def closed() -> bool:
+        stops = await _events(r, sid, "avatar.stopped_talking")
+        return any(e["reply_id"] == "r-t1" and e["interrupted"] for e in stops)
+
+    await _until(closed)
+    await bus.publish_turn(sid, UserTurn(turn_id="t2", text="hello", source="text"))
+
+    async def answered() -> bool:
+        return any(e["reply_id"] == "r-t2" for e in await _events(r, sid, "avatar.reply"))
+
+    await _until(answered)
+    assert [e["reply_id"] for e in await _events(r, sid, "avatar.stopped_talking")] == ["r-t1"]  # said once
+    assert not conversation.done()
+    conversation.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await conversation
