@@ -131,6 +131,8 @@ class BrowserConnection:
             for task in done:
                 if task.cancelled() or task.exception() is None:
                     continue
+                if isinstance(task.exception(), WebSocketDisconnect):
+                    continue  # the page left while an event was on its way to it: an ordinary end
                 if isinstance(task.exception(), ClientTooSlow):
                     # The page stopped reading (or its link is too slow): hold nothing for it. The
                     # events stay in Redis; 4408 tells the page to reconnect with `last_event`.

@@ -183,6 +183,40 @@ async def test_events_reach_only_their_session_and_resume_after_reconnect(gatewa
     await browser_b.close()
 
 
+async def test_a_page_that_vanishes_while_events_stream_to_it_is_an_ordinary_end_not_an_error(gateway: Stack):
+    """Pages whose connection drops (a closed laptop lid, a killed tab) while events are on their
+    way to them: the gateway's send then fails, and it once logged that as a bug of its own
+    ("socket task failed", with a traceback) for every such page."""
+    r = gateway.redis()
+    pages = [Browser(await create_session(gateway.base_url)) for _ in range(12)]
+    for page in pages:
+        await page.connect()
+    [name] = [n for n in gateway.procs if n.startswith("gateway")]
+    logged_before = gateway.logs[name].read_text().count("socket task failed")
+    stop = asyncio.Event()
+
+    async def stream(sid: str) -> None:  # an avatar's audio events, as fast as Redis takes them
+        n = 0
+        while not stop.is_set():
+            n += 1
+            event = AvatarReply(reply_id="r1", turn_id="t1", text=f"reply {n} " + "word " * 40)
+            await asyncio.to_thread(r.xadd, keys.events(sid), {"e": dump(event)}, maxlen=500)
+
+    streams = [asyncio.create_task(stream(p.session.session_id)) for p in pages]
+    for page in pages:
+        await page.wait_type("avatar.reply", 5)
+    for page in pages:
+        page.ws.transport.abort()  # no close frame: the connection is just gone
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.gather(*streams)
+    await asyncio.sleep(0.5)
+    text = gateway.logs[name].read_text()
+    assert text.count("socket task failed") == logged_before, text[-3000:]
+    for page in pages:  # their sockets are gone, their presence with them
+        assert r.zcard(keys.conns(page.session.session_id)) == 0
+
+
 async def test_end_message_ends_the_session(gateway: Stack):
     session = await create_session(gateway.base_url)
     browser = Browser(session)
