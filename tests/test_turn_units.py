@@ -96,8 +96,8 @@ def test_audio_tail_is_bounded_and_maps_session_time_to_arrival():
     for _ in range(200):  # 4 s of 20 ms frames
         t += 0.02
         tail.append(b"\x01\x00" * 320, t)
-    assert tail.nbytes <= 1.0 * SAMPLE_RATE * 2 + 640
-    assert len(tail.span(0.0, t)) <= SAMPLE_RATE + 320
+    assert tail.nbytes <= (1.0 + AudioTail.TRIM_SLACK_S) * SAMPLE_RATE * 2 + 640
+    assert len(tail.span(0.0, t)) <= (1.0 + AudioTail.TRIM_SLACK_S) * SAMPLE_RATE + 320
     assert len(tail.span(t - 0.8, t - 0.5)) == round(0.3 * SAMPLE_RATE)
     now_ms = time.time() * 1000
     assert abs(tail.received_at_ms(t) - now_ms) < 1000

@@ -548,6 +548,15 @@ class DeepgramStream:
         """Audio first, then a pending Finalize, then CloseStream; KeepAlive when idle."""
         ws, loop = sock.ws, asyncio.get_running_loop()
         last_sent = loop.time()
+        # One timer for the next KeepAlive, armed when the sender goes idle and kept while audio
+        # flows: a timed wait per frame (`wait_for`: a task and a timer each) was the sender's cost.
+        keepalive: asyncio.TimerHandle | None = None
+
+        def keepalive_due() -> None:
+            nonlocal keepalive
+            keepalive = None
+            self._wakeup.set()
+
         try:
             while True:
                 self._wakeup.clear()
@@ -568,9 +577,9 @@ class DeepgramStream:
                 elif loop.time() - last_sent >= self._t.keepalive_s:
                     await ws.send(KEEPALIVE)
                 else:
-                    wait_s = self._t.keepalive_s - (loop.time() - last_sent)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), wait_s)
+                    if keepalive is None:  # (early, if audio went out since: it is armed again)
+                        keepalive = loop.call_later(self._t.keepalive_s - (loop.time() - last_sent), keepalive_due)
+                    await self._wakeup.wait()
                     continue
                 last_sent = loop.time()
         except ConnectionClosed:
@@ -578,6 +587,9 @@ class DeepgramStream:
         except Exception:
             ws.transport.abort()  # wake the receiver; the error is re-raised there
             raise
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
 
     # --- audio buffer ------------------------------------------------------------------------
 
