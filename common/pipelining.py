@@ -48,9 +48,10 @@ class PipelinedXadd:
         self._flushers: dict[str, asyncio.Task[None]] = {}
         self.batches = 0  # for metrics and tests: how many round trips carried the commands
         self.commands = 0
+        self._cluster = isinstance(r, RedisCluster)  # (asked once, not per frame)
 
     def _node(self, key: str) -> str:
-        if isinstance(self.r, RedisCluster):
+        if self._cluster:
             try:
                 return self.r.get_node_from_key(key).name
             except Exception:  # no slot map yet: the cluster client finds the node itself
@@ -73,7 +74,7 @@ class PipelinedXadd:
         """One round trip for the batch. On a cluster, commands that failed for a node failing over
         are sent again with backoff (see common.bus), so their frames are late, not lost, and only
         this node's queue waits."""
-        if not isinstance(self.r, RedisCluster):
+        if not self._cluster:
             return await self._execute_raw(batch)
         pipe = self.r.pipeline(transaction=False)
         for key, fields, maxlen, _ in batch:
