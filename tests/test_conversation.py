@@ -100,12 +100,21 @@ async def test_backchannels_and_noise_over_the_avatar_do_not_stop_it(room: Room)
 async def test_words_over_the_avatar_pause_it_then_the_question_stops_it(room: Room):
     mark, started = await talking(room)
     await said(room, speech("Wait, who made this project?"))
-    paused = await room.next("avatar.paused", mark, 10)
     stopped = await room.next("avatar.stopped_talking", mark, 15, lambda e: e.get("interrupted"))
-    assert paused is not None and stopped is not None and paused["_rx"] <= stopped["_rx"]
-    assert stopped["reply_id"] == started["reply_id"]
-    reply = await room.next("avatar.reply", mark, 30)
-    assert reply is not None and reply["reply_id"] != started["reply_id"]  # and the question is answered
+    assert stopped is not None and stopped["reply_id"] == started["reply_id"]
+    paused = await room.next("avatar.paused", mark, 10)
+    assert paused is not None
+    if paused["reply_id"] == started["reply_id"]:  # the words paused it, then the question stopped it
+        assert paused["_rx"] <= stopped["_rx"]
+        reply = await room.next("avatar.reply", mark, 30)
+        assert reply is not None and reply["reply_id"] != started["reply_id"]  # and the question is answered
+    else:
+        # On a loaded machine the recognizer can end "Wait," at its comma before any interim came:
+        # that final stopped the reply at once; the rest paused the reply begun for "Wait," and the
+        # question is answered as one, in a reply that replaces it.
+        assert paused["reply_id"] != started["reply_id"]
+        joined = await room.next("avatar.reply", mark, 30, lambda e: e.get("replaces") == paused["reply_id"])
+        assert joined is not None
     assert not since(room, mark, "avatar.resumed")
 
 
