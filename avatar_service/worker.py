@@ -352,7 +352,8 @@ class _Conversation:
                 if failed is not None:
                     log.error("speaking failed: %r", failed, extra={"sid": self.sid})
                     await self._close_cut_reply(reply_id)  # the page must not show it speaking on
-                await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
+                else:
+                    await r.hdel(keys.session(self.sid), keys.F_AVATAR_REPLY)
             finally:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()

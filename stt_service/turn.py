@@ -235,10 +235,9 @@ class Quiet:
         """Take the next audio; returns the seconds of quiet up to its end."""
         seconds = len(pcm) / 2 / SAMPLE_RATE
         samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32)
-        # Per frame per session: one dot product and scalar math (numpy's mean/sqrt/log10 on
-        # arrays took ~4x as long).
-        rms = math.sqrt(float(np.dot(samples, samples)) / len(samples)) / 32768 if len(samples) else 0.0
-        level = 20 * math.log10(rms + 1e-9) if len(samples) else -200.0
+        level = -200.0
+        if len(samples):  # per frame per session: one dot product (numpy's mean/sqrt/log10 took ~4x)
+            level = 20 * math.log10(math.sqrt(float(np.dot(samples, samples)) / len(samples)) / 32768 + 1e-9)
         self.peak_db -= self.decay_db_per_s * seconds
         if level > max(self.peak_db - self.below_db, self.floor_db):
             self.peak_db = max(self.peak_db, level)
@@ -278,6 +277,11 @@ class AudioTail:
     def nbytes(self) -> int:
         return len(self._pcm)
 
+    @property
+    def held_from(self) -> float:
+        """Session time at the start of what is held."""
+        return self.end_s - len(self._pcm) / 2 / SAMPLE_RATE
+
     def append(self, pcm: bytes, end_s: float) -> None:
         self._pcm += pcm
         self.end_s = end_s
@@ -300,8 +304,7 @@ class AudioTail:
         """How loud the speech in [start_s, end_s] is: the 90th percentile of its 20 ms frames'
         level (dBFS), over what is still held; None where nothing there is above the floor. The
         loudest tenth, so a user who speaks over a quieter echo for part of it sets the level."""
-        held_from = self.end_s - self.nbytes / 2 / SAMPLE_RATE
-        start_s, end_s = max(start_s, held_from), min(end_s, self.end_s)
+        start_s, end_s = max(start_s, self.held_from), min(end_s, self.end_s)
         if end_s - start_s < FRAME_S:
             return None
         pcm = self._between(start_s, end_s)
@@ -318,7 +321,7 @@ class AudioTail:
 
     def _between(self, start_s: float, end_s: float) -> bytes:
         """The PCM held from `start_s` to `end_s` (as much of it as is held)."""
-        held_from = self.end_s - len(self._pcm) / 2 / SAMPLE_RATE
+        held_from = self.held_from
         lo = max(0, round((start_s - held_from) * SAMPLE_RATE) * 2)
         hi = min(len(self._pcm), round((end_s - held_from) * SAMPLE_RATE) * 2)
         return bytes(self._pcm[lo:hi]) if hi > lo else b""
