@@ -41,6 +41,10 @@ _CLUSTER_CLIENT_FILES = frozenset(
 )
 
 
+# The event loop's own frames: asyncio's modules, and uvloop's (Cython names them "uvloop/...").
+_LOOP_FILES = (os.path.dirname(asyncio.__file__) + os.sep, "uvloop/")
+
+
 def is_redis_failure(exc: BaseException) -> bool:
     """A Redis error, or a plain exception raised inside redis-py's cluster client or its
     connections: an outage to wait out, not a bug of the session. In a failover the client closes
@@ -55,11 +59,17 @@ def is_redis_failure(exc: BaseException) -> bool:
 
 
 def _raised_inside_the_client(exc: BaseException) -> bool:
+    """The innermost frame that is not the event loop's own is the client's. A write on a connection the
+    cluster client closed under it fails in the event loop's transport (uvloop: `RuntimeError:
+    unable to perform operation on <TCPTransport closed=True>`), called from redis-py's
+    `connection.py` through asyncio's streams."""
     if not isinstance(exc, Exception):
         return False
     tb, last = exc.__traceback__, None
     while tb is not None:
-        tb, last = tb.tb_next, tb
+        if not tb.tb_frame.f_code.co_filename.startswith(_LOOP_FILES):
+            last = tb
+        tb = tb.tb_next
     return last is not None and last.tb_frame.f_code.co_filename in _CLUSTER_CLIENT_FILES
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}

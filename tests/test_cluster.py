@@ -14,7 +14,7 @@ import asyncio
 import pytest
 
 from common import keys
-from common.bus import Bus, _split_nodes, cluster_url, connect_url, is_cluster, is_redis_failure
+from common.bus import Bus, _RedisCluster, _split_nodes, cluster_url, connect_url, is_cluster, is_redis_failure
 from common.models import SessionConfig
 from common.sessions import SessionStore
 from common.settings import Settings
@@ -73,6 +73,33 @@ async def test_an_error_from_inside_the_cluster_client_is_a_redis_failure_not_a_
     with pytest.raises(KeyError) as ours:
         {}["sid"]
     assert not is_redis_failure(ours.value) and is_redis_failure(ConnectionResetError())
+
+
+def test_a_write_on_a_connection_closed_under_it_is_a_redis_failure(redis_cluster: LocalCluster) -> None:
+    """Mid-failover the cluster client closes connections other tasks are sending on; under uvloop
+    (what the services run) the write fails in the transport with a RuntimeError raised through
+    asyncio's streams. That is the outage, not a bug: the gateway closed healthy pages' sockets
+    as "server error" for it."""
+    import uvloop
+    from redis.asyncio.connection import Connection
+
+    async def write_on_a_closed_transport() -> BaseException:
+        conn = Connection(host="127.0.0.1", port=redis_cluster.ports[0])
+        await conn.connect()
+        conn._writer.transport.close()
+        await asyncio.sleep(0.05)  # the loop finishes closing the handle
+        try:
+            await conn._send_packed_command([b"PING\r\n"])
+        except Exception as exc:
+            return exc
+        finally:
+            await conn.disconnect()
+        raise AssertionError("the write did not fail")
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        exc = runner.run(write_on_a_closed_transport())
+    assert isinstance(exc, RuntimeError) and "closed" in str(exc)
+    assert is_redis_failure(exc) and _RedisCluster.retryable(exc)
 
 
 async def test_a_process_starting_while_its_first_node_is_down_asks_the_next(
