@@ -136,7 +136,8 @@ class EchoGuard:
         self.words = words_of(text)[-MAX_SPOKEN_WORDS:]
 
     def reply_ended(self) -> None:
-        self.audible_until = time.time()
+        if self.audible_until == float("inf"):  # (a reply dropped before it was heard never began)
+            self.audible_until = time.time()
 
     def could_be_echo(self, started_at_ms: int) -> bool:
         """Speech that began while the avatar was audible (0: unknown start, judged by the tail)."""

@@ -16,12 +16,14 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 
 from avatar_service.brain import Brain, Reply
 from avatar_service.driver import AvatarDriver, AvatarError, AvatarSession
+from avatar_service.floor import Floor
 from avatar_service.turn_policy import TurnPolicy, started_at_of
 from common import keys
 from common.bus import Bus, is_redis_failure
@@ -112,6 +114,7 @@ class _Conversation:
         self.sid = sid
         self.avatar = avatar
         self.policy = TurnPolicy(worker.settings, config.language)
+        self.floor = Floor(worker.settings.reply_hold_s)  # a ready reply waits while the user goes on
         self.paused = False
         self._resume_timer: asyncio.Task[None] | None = None
         # (entry id, turn, the reply it replaces: a continued turn's dropped reply, else None)
@@ -170,6 +173,7 @@ class _Conversation:
                 if continued is not None:
                     replaces = self._join(continued, turn)
                 await self._interrupt()  # the user took the floor: the rest of the reply goes
+            self.floor.turn_ended()
             if self.pending.full():
                 log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
                 return
@@ -177,9 +181,11 @@ class _Conversation:
             self.pending.put_nowait((entry_id, turn, replaces))
         elif isinstance(turn, SpeechStarted):
             self.last_activity = time.time()
+            self.floor.voice()
             await self.avatar.on_user_speaking(True)
         elif isinstance(turn, UserSpeech):
-            if self._talking():
+            self.floor.voice()
+            if self._talking() and self.floor.on_air:  # (a reply not yet heard waits for the final)
                 await self._heard_over_avatar(turn)
         elif isinstance(turn, UserInterrupt):
             self.last_activity = time.time()
@@ -227,6 +233,8 @@ class _Conversation:
         last = self.answering
         if not window or last is None or last.source != "voice" or turn.source != "voice" or not turn.segments:
             return None
+        if not self.floor.on_air:  # not a word of its answer was heard: the user went on at once
+            return last
         began_answering = self.policy.echo.audible_from  # set as the reply began
         began = turn.segments[0].started_at
         if self.words_began is not None and self.words_began[0] == turn.turn_id:
@@ -290,6 +298,7 @@ class _Conversation:
         if self._resume_timer is not None:
             self._resume_timer.cancel()
             self._resume_timer = None
+        self.floor.release()
         if self.paused:
             self.paused = False
             if self._talking():
@@ -305,6 +314,7 @@ class _Conversation:
         task = self.speaking
         if task is None or task.done():
             return
+        self.floor.drop()  # not heard yet: it never will be
         await self.avatar.interrupt()
         try:
             await asyncio.wait_for(asyncio.shield(task), INTERRUPT_TIMEOUT_S)
@@ -331,11 +341,11 @@ class _Conversation:
                 TURNS.labels(turn.source).inc()
                 await self.w.store.set_fields(self.sid, **{keys.F_AVATAR_REPLY: reply_id})
                 if self.avatar.answers_itself:  # the vendor writes the answer from what was said
-                    speech = self.avatar.speak(reply_id, turn.text, user_text=turn.text)
+                    speech = self._speak_own(reply_id, turn)
                 else:  # our brain writes the answer; speech starts with its first sentence
                     speech = self._answer(reply_id, turn, replaces)
-                self.policy.echo.reply_started()
                 self.answering = turn
+                self.floor.reply_begun()
                 self.speaking = asyncio.create_task(speech)
                 try:
                     await asyncio.wait({self.speaking})  # an interrupt ends the reply, not us
@@ -358,16 +368,40 @@ class _Conversation:
                 if self.pending_ids and self.pending_ids[0] == entry_id:
                     self.pending_ids.popleft()
 
+    async def _take_the_floor(self) -> bool:
+        """Wait while the user has begun to speak again (`Floor`): True once the reply may be
+        heard (from here it is audible), False if it was dropped unheard."""
+        if not await self.floor.wait():
+            return False
+        self.policy.echo.reply_started()
+        return True
+
+    async def _speak_own(self, reply_id: str, turn: UserTurn) -> None:
+        if await self._take_the_floor():
+            await self.avatar.speak(reply_id, turn.text, user_text=turn.text)
+
     async def _answer(self, reply_id: str, turn: UserTurn, replaces: str | None = None) -> None:
-        """Ask the brain, speak its sentences as they come, remember what was actually said."""
+        """Ask the brain, speak its sentences as they come, remember what was actually said. The
+        brain starts at once; its first sentence is shown and heard once the user leaves the floor."""
         reply = await self.w.brain.reply(self.sid, turn.text)
-        shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply, replaces))
+        shown: asyncio.Task[None] | None = None
+
+        async def heard_when_free() -> AsyncIterator[str]:
+            nonlocal shown
+            async for sentence in reply.sentences():
+                if shown is None:
+                    if not await self._take_the_floor():
+                        return  # dropped unheard: nothing is shown or said
+                    shown = asyncio.create_task(self._show_reply(reply_id, turn.turn_id, reply, replaces))
+                yield sentence
+
         spoken: str | None = None
         try:
-            spoken = await self.avatar.speak(reply_id, reply.sentences(), user_text=turn.text)
+            spoken = await self.avatar.speak(reply_id, heard_when_free(), user_text=turn.text)
         finally:
             await reply.aclose()
-            await asyncio.gather(shown, return_exceptions=True)
+            if shown is not None:
+                await asyncio.gather(shown, return_exceptions=True)
         if reply.error is not None:
             await self.w.bus.publish_event(self.sid, reply.error)
         said = reply.text if spoken is None else spoken

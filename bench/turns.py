@@ -24,12 +24,16 @@ Scenarios (36 by default) and what each counts:
     .venv/bin/python -m bench.turns [--echo-db -10 --echo-ms 120] [--user-voice piper|espeak] [--json out.json]
 
 `BENCH_SERVICE_PYTHONPATH` runs the services from another checkout (the "before" numbers).
+`--llm-ttft-ms N` answers with an LLM (the fake of `tests/fakes/llm.py` on loopback) whose first
+token comes N ms after the request, tokens 30 ms apart, instead of the instant local responder:
+a cloud model's reply starts later, so the user's pause is more often over before it is heard.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -43,9 +47,12 @@ from avatar_stack.client import create_session
 from bench.local_stack import local_stack
 from bench.measure import pct
 from common.pcm import SAMPLE_RATE
+from tests.fakes.llm import FakeLlm
 from tests.room import Room, noise, said, since, speech, trim_trailing_silence
 
 TRIGGER = "Tell me about the avatar providers."  # a long answer (~10 s) to talk over
+LLM_REPLY = ("Avatar stack answers by voice and face within a second. It runs on your own machines, "
+             "with local speech or a cloud vendor. Ask me about scaling, providers or the setup.")
 
 PLAIN = [
     "What is avatar stack?", "How do I scale it?", "Which speech engines does it use?",
@@ -301,10 +308,19 @@ def main() -> None:
     parser.add_argument("--user-voice", choices=("piper", "espeak"), default="piper",
                         help="the user's voice: natural (piper, pitched up) or synthetic (espeak)")
     parser.add_argument("--json", default="", help="write the summary and rows here")
+    parser.add_argument("--llm-ttft-ms", type=int, default=None,
+                        help="answer with a fake LLM whose first token takes this long (default: the local responder)")
     args = parser.parse_args()
     only = {k.strip() for k in args.only.split(",") if k.strip()} or None
-    with local_stack(os.environ.get("BENCH_SERVICE_PYTHONPATH") or None, SESSION_IDLE_TIMEOUT_S="3600",
-                     LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING")) as stack:
+    with contextlib.ExitStack() as running:
+        llm_env = {}
+        if args.llm_ttft_ms is not None:
+            llm = running.enter_context(FakeLlm(token_delay_s=0.03, first_token_s=args.llm_ttft_ms / 1000))
+            llm.default_reply = LLM_REPLY
+            llm_env = {"LLM_BASE_URL": llm.url}
+        stack = running.enter_context(local_stack(
+            os.environ.get("BENCH_SERVICE_PYTHONPATH") or None, SESSION_IDLE_TIMEOUT_S="3600",
+            LOG_LEVEL=os.environ.get("LOG_LEVEL", "WARNING"), **llm_env))
         voice = UserVoice(args.user_voice)
         out = asyncio.run(run_scenarios(stack.base_url, None if args.no_echo else args.echo_db, args.echo_ms, only,
                                         voice))

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     # A voice turn that began this soon after the avatar began answering the last one continues it:
     # that reply is dropped and both are answered as one (a turn ended too early). 0 = never.
     turn_continuation_s: float = Field(default=1.0, ge=0, le=5)
+    # A reply that is ready while the user has begun to speak again waits, unheard, until this long
+    # after their last voice (their next turn drops it, as above). 0 = start it at once.
+    reply_hold_s: float = Field(default=1.0, ge=0, le=5)
     # Backchannels per language (comma-separated): said over the avatar they neither stop it nor become turns
     backchannels: dict[str, str] = {
         "en": "mhm, mm, mm-hmm, hmm, uh-huh, uh huh, yeah, yes, yep, yup, right, ok, okay, sure, i see, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +22,7 @@ from avatar_service.responder import LocalResponder
 from avatar_service.worker import AvatarWorker, _Conversation
 from common import keys
 from common.bus import Bus
-from common.models import SessionConfig, TurnSegment, UserSpeech, UserTurn
+from common.models import SessionConfig, SpeechStarted, TurnSegment, UserSpeech, UserTurn
 from common.sessions import SessionStore
 from common.settings import Settings
 from tests.fakes.llm import FakeLlm
@@ -251,6 +252,7 @@ async def test_a_barge_in_heard_after_the_avatars_echo_is_a_new_turn_not_the_res
         conversation.policy.echo.reply_text("avatar-stack is a self-hostable platform for realtime talking avatars.")
         conversation.answering = asked
         conversation.speaking = asyncio.get_running_loop().create_future()  # the answer is playing
+        conversation.floor.on_air = True
         return conversation
 
     heard_over = answering()
@@ -295,8 +297,12 @@ async def _events(r: aioredis.Redis, sid: str, kind: str) -> list[dict]:
 
 
 async def _until(predicate, timeout_s: float = 20.0) -> None:
+    """Until `predicate()` (a value or an awaitable of one) is true."""
     async with asyncio.timeout(timeout_s):  # a hang guard only
-        while not await predicate():  # noqa: ASYNC110
+        while True:
+            ok = predicate()
+            if await ok if inspect.isawaitable(ok) else ok:
+                return
             await asyncio.sleep(0.05)
 
 
@@ -342,3 +348,98 @@ async def test_a_reply_whose_speech_fails_is_closed_for_the_page_and_the_next_tu
     conversation.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await conversation
+
+
+# ---------------------------------------------------------------- a reply does not start over the user
+
+
+class ListeningAvatar(StubAvatar):
+    async def on_user_speaking(self, speaking: bool) -> None:
+        pass
+
+    async def interrupt(self) -> None:
+        pass
+
+    async def pause(self) -> bool:
+        return False
+
+
+def _voice_turn(turn_id: str, text: str, ago_ms: int) -> UserTurn:
+    started_at = int(time.time() * 1000) - ago_ms
+    segments = [TurnSegment(text=text, started_at=started_at)]
+    return UserTurn(turn_id=turn_id, text=text, source="voice", segments=segments)
+
+
+async def test_a_reply_ready_while_the_user_goes_on_is_dropped_unheard_and_answered_with_the_rest(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    """The recognizer ended "How does that?" at the user's pause and the brain began (an LLM's
+    first sentence takes a while); the user's voice came back before a word of it was heard. The
+    reply waits unheard, the rest drops it, and the whole question is answered once."""
+    settings = settings_for(llm, redis_url=clean_redis)
+    llm.token_delay_s = 0.15  # the first sentence is ready about a second after the request
+    llm.script(["The first answer, to half a question only. It goes on.", "The whole answer is here. Done."])
+    brain = LlmBrain(r, settings)
+    worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+    avatar = ListeningAvatar()
+    conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
+    running = asyncio.create_task(conversation.run())
+    try:
+        now_ms = int(time.time() * 1000)
+        await worker.bus.publish_turn(sid, _voice_turn("t1", "How does that?", 1500))
+        await _until(lambda: len(llm.requests) == 1)  # the brain began on it
+        await worker.bus.publish_turn(sid, SpeechStarted())  # ... and the user goes on
+        await worker.bus.publish_turn(sid, UserSpeech(utterance_id="t2", text="work with", started_at=now_ms))
+        await worker.bus.publish_turn(sid, _voice_turn("t2", "work with redis cluster?", 0))
+        await _until(lambda: len(llm.requests) == 2 and avatar.heard == ["The whole answer is here.", "Done."])
+        assert llm.requests[-1].messages[-1]["content"] == "How does that? work with redis cluster?"
+        events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
+        replies = [e for e in events if e["type"] == "avatar.reply"]
+        assert replies and {e["reply_id"] for e in replies} == {"r-t2"}, "the dropped reply was shown"
+        assert replies[-1]["replaces"] == "r-t1"
+        await _until(lambda: not conversation._talking())
+        history = await brain.history(sid)
+        assert [m["content"] for m in history if m["role"] == "user"] == ["How does that? work with redis cluster?"]
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await brain.aclose()
+
+
+async def test_a_ready_reply_waits_for_a_voice_that_came_back_and_goes_on_when_it_was_nothing(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    """A voice onset after the turn (a cough, a "mhm") holds the ready reply; once what it was is
+    known not to be a turn, the reply is heard (and shown) after all. With no hold it is heard at once."""
+    for hold_s, held in ((5.0, True), (0.0, False)):
+        settings = settings_for(llm, redis_url=clean_redis, reply_hold_s=hold_s)
+        llm.token_delay_s = 0.15
+        llm.script(["Here is the answer you asked for. It is short."])
+        brain = LlmBrain(r, settings)
+        worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
+        sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+        avatar = ListeningAvatar()
+        conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
+        running = asyncio.create_task(conversation.run())
+        try:
+            requests = len(llm.requests)
+            await worker.bus.publish_turn(sid, _voice_turn("t1", "What is avatar stack?", 1500))
+            await _until(lambda r0=requests: len(llm.requests) == r0 + 1)
+            await worker.bus.publish_turn(sid, SpeechStarted())
+            await asyncio.sleep(2.5)  # the reply was ready long since
+            assert bool(avatar.heard) is not held, avatar.heard
+            if held:
+                assert conversation.floor.holding
+                await worker.bus.publish_turn(sid, _voice_turn("t2", "Mhm.", 400))
+                await _until(lambda a=avatar: a.heard == ["Here is the answer you asked for.", "It is short."])
+            events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
+            assert [e["reply_id"] for e in events if e["type"] == "avatar.reply"][-1] == "r-t1"
+            if held:
+                assert any(e["type"] == "transcript.ignored" and e["reason"] == "backchannel" for e in events)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            await brain.aclose()

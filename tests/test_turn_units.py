@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 import pytest
 
+from avatar_service.floor import Floor
 from avatar_service.turn_policy import (
     ECHO_OVERLAP_S,
     SPOKEN_WORDS_PER_S,
@@ -340,3 +342,40 @@ async def test_the_turn_model_hears_the_turn_alone_not_the_talk_before_it():
     await turn.segment(SttResult("final", "It runs on a laptop.", "u1", 6.0, 7.5))
     assert flushed, "a statement the words call finished, with no model opinion, ends the turn"
     assert len(heard[0]) == round((7.5 + TRAILING_S - (6.0 - TURN_LEAD_S)) * SAMPLE_RATE)
+
+
+async def test_the_floor_holds_a_ready_reply_only_while_the_user_has_spoken_again() -> None:
+    floor = Floor(hold_s=5.0)
+    floor.reply_begun()
+    assert await floor.wait() and floor.on_air  # nobody spoke since the turn: at once
+
+    floor.reply_begun()
+    floor.voice()  # the user's voice came back
+    floor.turn_ended()  # ... and it was the turn being answered after all
+    assert await floor.wait()
+
+    for settle, said in ((Floor.release, True), (Floor.drop, False)):
+        floor.reply_begun()
+        floor.voice()
+        waiting = asyncio.create_task(floor.wait())
+        await asyncio.sleep(0.05)
+        assert floor.holding and not waiting.done() and not floor.on_air
+        settle(floor)  # what the voice said was not a turn / the user's next turn replaces the reply
+        assert await waiting is said and floor.on_air is said and not floor.holding
+
+    floor.reply_begun()
+    floor.drop()  # dropped before it even got here (the brain was still writing)
+    assert not await floor.wait()
+    floor.reply_begun()
+    assert await floor.wait()  # the next reply is not
+
+
+async def test_the_floor_lets_a_reply_go_after_a_quiet_hold_or_at_once_when_off() -> None:
+    floor = Floor(hold_s=0.05)
+    floor.reply_begun()
+    floor.voice()  # a cough, and nothing after it
+    assert await asyncio.wait_for(floor.wait(), 10)  # (a hang guard)
+    off = Floor(hold_s=0)
+    off.reply_begun()
+    off.voice()
+    assert await off.wait()

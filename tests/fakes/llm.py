@@ -2,7 +2,8 @@
 
 `POST /v1/chat/completions` with `"stream": true` answers `text/event-stream`: one
 `data: {"choices":[{"delta":{"content": …}}]}` event per token (a word and the space after it),
-`token_delay_s` apart, then `data: [DONE]`. Without `stream` it answers one JSON completion.
+`token_delay_s` apart (the first after `first_token_s`), then `data: [DONE]`. Without `stream` it
+answers one JSON completion.
 Replies are scripted (`script([...])`, used in order, then `default_reply`); a reply that is a
 callable gets the request's messages. `fail_next(status)` fails the next request; `cut_after`
 drops the connection after that many tokens. `requests` records every request body (messages,
@@ -49,6 +50,7 @@ class FakeLlm(ThreadedFake):
     api_key: str = ""
     default_reply: str = "This is a reply from the fake model. It has two sentences."
     token_delay_s: float = 0.01
+    first_token_s: float = 0.0  # before the first token: a real model's time to first token
     requests: list[LlmRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,7 @@ class FakeLlm(ThreadedFake):
             first = {"id": "c1", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
             yield b"data: " + orjson.dumps(first) + b"\n\n"
+            await asyncio.sleep(self.first_token_s)
             for i, token in enumerate(tokens):
                 if cut_after is not None and i >= cut_after:
                     raise RuntimeError("connection cut (scripted)")
