@@ -4,9 +4,10 @@ Per session: read `turns:{sid}` from the resume cursor; user turns go, in order,
 task. Barge-in needs words: a bare voice onset only turns the avatar towards the user (listening
 pose); words heard over the avatar that are neither its own echo nor a backchannel pause it, a
 real turn then stops it, and if no turn follows within `barge_in_resume_s` it resumes where it
-was (avatars that cannot pause are interrupted). A typed interrupt stops it at once. The worker
-also ends sessions whose browser left (after the grace period) or that went idle, and always
-stops the avatar when a session ends.
+was (avatars that cannot pause are interrupted). A reply that is ready while the user has begun to
+speak again waits unheard (`Floor`), so a turn cut at its pause is answered once, as a whole. A
+typed interrupt stops it at once. The worker also ends sessions whose browser left (after the
+grace period) or that went idle, and always stops the avatar when a session ends.
 """
 
 from __future__ import annotations
