@@ -74,7 +74,8 @@ def _problems(log: Path, sid: str = "") -> list[str]:
     """The warnings and errors a service logged (its JSON lines), and what it logged about `sid`,
     for a failure's report."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return [line[:2000] for line in lines
+    # A traceback's last lines say what failed: keep a long line's head and its tail.
+    return [line if len(line) <= 3000 else f"{line[:800]} … {line[-2200:]}" for line in lines
             if '"level":"warning"' in line or '"level":"error"' in line or (sid and sid in line)][-16:]
 
 
