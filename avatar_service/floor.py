@@ -28,19 +28,15 @@ class Floor:
         self._dropped = False
         self._changed = asyncio.Event()
 
-    def turn_ended(self) -> None:
-        """A user turn came: the voice before it is that turn's."""
-        self._voice_since_turn = False
-        self._changed.set()
-
     def voice(self) -> None:
         """The user's voice began, or words of it came (an interim)."""
         self._voice_since_turn = True
         self._last_voice = asyncio.get_running_loop().time()
         self._changed.set()
 
-    def release(self) -> None:
-        """What the voice said was not a turn (echo, a backchannel): the reply may go on."""
+    def settled(self) -> None:
+        """The voice so far is accounted for: it was a turn (the one being answered, or the next),
+        or it was not one (echo, a backchannel). A held reply may go on."""
         self._voice_since_turn = False
         self._changed.set()
 

@@ -174,7 +174,7 @@ class _Conversation:
                 if continued is not None:
                     replaces = self._join(continued, turn)
                 await self._interrupt()  # the user took the floor: the rest of the reply goes
-            self.floor.turn_ended()
+            self.floor.settled()
             if self.pending.full():
                 log.warning("dropping turn %s: too many pending", turn.turn_id, extra={"sid": self.sid})
                 return
@@ -299,7 +299,7 @@ class _Conversation:
         if self._resume_timer is not None:
             self._resume_timer.cancel()
             self._resume_timer = None
-        self.floor.release()
+        self.floor.settled()
         if self.paused:
             self.paused = False
             if self._talking():

@@ -80,7 +80,20 @@ class LiveKitServer:
         """Where RoomService (Twirp over HTTP) answers."""
         return f"http://127.0.0.1:{self.signal_port}"
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 30.0, *, new_ports_if_taken: bool = True) -> None:
+        """Ports picked free a moment ago can be taken by another process before the server binds
+        them (seen in a full run: "bind: address already in use"): then it picks new ones, up to
+        three times. A restart keeps its ports."""
+        for attempt in range(3):
+            try:
+                return self._spawn(timeout_s)
+            except RuntimeError:
+                if not new_ports_if_taken or attempt == 2 or "address already in use" not in self.log_tail():
+                    raise
+            self.signal_port, self.tcp_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM)
+            self.udp_port = _free_port(socket.SOCK_DGRAM)
+
+    def _spawn(self, timeout_s: float) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"livekit-{self.signal_port}.log"
         log = open(self.log_path, "ab")  # the child inherits it; ours is closed right after the spawn
@@ -133,7 +146,7 @@ class LiveKitServer:
 
     def restart(self, timeout_s: float = 30.0) -> None:
         self.stop()
-        self.start(timeout_s)
+        self.start(timeout_s, new_ports_if_taken=False)
 
     def log_tail(self, chars: int = 3000) -> str:
         if self.log_path is None or not self.log_path.exists():

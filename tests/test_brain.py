@@ -370,22 +370,35 @@ def _voice_turn(turn_id: str, text: str, ago_ms: int) -> UserTurn:
     return UserTurn(turn_id=turn_id, text=text, source="voice", segments=segments)
 
 
+@contextlib.asynccontextmanager
+async def _conversation_running(llm: FakeLlm, r: aioredis.Redis, redis_url: str, **settings: object):
+    """A session's conversation loop on the worker, with the LLM brain and a listening avatar,
+    reading its real `turns:{sid}` stream. Yields (worker, sid, avatar, conversation, brain)."""
+    config = settings_for(llm, redis_url=redis_url, **settings)
+    brain = LlmBrain(r, config)
+    worker = AvatarWorker(r, config, driver=None, brain=brain)  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, config)).create(SessionConfig())
+    avatar = ListeningAvatar()
+    conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
+    running = asyncio.create_task(conversation.run())
+    try:
+        yield worker, sid, avatar, conversation, brain
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await brain.aclose()
+
+
 async def test_a_reply_ready_while_the_user_goes_on_is_dropped_unheard_and_answered_with_the_rest(
     llm: FakeLlm, r: aioredis.Redis, clean_redis: str
 ) -> None:
     """The recognizer ended "How does that?" at the user's pause and the brain began (an LLM's
     first sentence takes a while); the user's voice came back before a word of it was heard. The
     reply waits unheard, the rest drops it, and the whole question is answered once."""
-    settings = settings_for(llm, redis_url=clean_redis)
     llm.token_delay_s = 0.15  # the first sentence is ready about a second after the request
     llm.script(["The first answer, to half a question only. It goes on.", "The whole answer is here. Done."])
-    brain = LlmBrain(r, settings)
-    worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
-    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
-    avatar = ListeningAvatar()
-    conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
-    running = asyncio.create_task(conversation.run())
-    try:
+    async with _conversation_running(llm, r, clean_redis) as (worker, sid, avatar, conversation, brain):
         now_ms = int(time.time() * 1000)
         await worker.bus.publish_turn(sid, _voice_turn("t1", "How does that?", 1500))
         await _until(lambda: len(llm.requests) == 1)  # the brain began on it
@@ -394,18 +407,12 @@ async def test_a_reply_ready_while_the_user_goes_on_is_dropped_unheard_and_answe
         await worker.bus.publish_turn(sid, _voice_turn("t2", "work with redis cluster?", 0))
         await _until(lambda: len(llm.requests) == 2 and avatar.heard == ["The whole answer is here.", "Done."])
         assert llm.requests[-1].messages[-1]["content"] == "How does that? work with redis cluster?"
-        events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
-        replies = [e for e in events if e["type"] == "avatar.reply"]
+        replies = await _events(r, sid, "avatar.reply")
         assert replies and {e["reply_id"] for e in replies} == {"r-t2"}, "the dropped reply was shown"
         assert replies[-1]["replaces"] == "r-t1"
         await _until(lambda: not conversation._talking())
         history = await brain.history(sid)
         assert [m["content"] for m in history if m["role"] == "user"] == ["How does that? work with redis cluster?"]
-    finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        await brain.aclose()
 
 
 async def test_a_ready_reply_waits_for_a_voice_that_came_back_and_goes_on_when_it_was_nothing(
@@ -414,16 +421,11 @@ async def test_a_ready_reply_waits_for_a_voice_that_came_back_and_goes_on_when_i
     """A voice onset after the turn (a cough, a "mhm") holds the ready reply; once what it was is
     known not to be a turn, the reply is heard (and shown) after all. With no hold it is heard at once."""
     for hold_s, held in ((5.0, True), (0.0, False)):
-        settings = settings_for(llm, redis_url=clean_redis, reply_hold_s=hold_s)
         llm.token_delay_s = 0.15
         llm.script(["Here is the answer you asked for. It is short."])
-        brain = LlmBrain(r, settings)
-        worker = AvatarWorker(r, settings, driver=None, brain=brain)  # type: ignore[arg-type]
-        sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
-        avatar = ListeningAvatar()
-        conversation = _Conversation(worker, sid, avatar, SessionConfig())  # type: ignore[arg-type]
-        running = asyncio.create_task(conversation.run())
-        try:
+        async with _conversation_running(llm, r, clean_redis, reply_hold_s=hold_s) as (
+            worker, sid, avatar, conversation, _,
+        ):
             requests = len(llm.requests)
             await worker.bus.publish_turn(sid, _voice_turn("t1", "What is avatar stack?", 1500))
             await _until(lambda r0=requests: len(llm.requests) == r0 + 1)
@@ -434,12 +436,6 @@ async def test_a_ready_reply_waits_for_a_voice_that_came_back_and_goes_on_when_i
                 assert conversation.floor.holding
                 await worker.bus.publish_turn(sid, _voice_turn("t2", "Mhm.", 400))
                 await _until(lambda a=avatar: a.heard == ["Here is the answer you asked for.", "It is short."])
-            events = [orjson.loads(f[b"e"]) for _, f in await r.xrange(keys.events(sid))]
-            assert [e["reply_id"] for e in events if e["type"] == "avatar.reply"][-1] == "r-t1"
-            if held:
-                assert any(e["type"] == "transcript.ignored" and e["reason"] == "backchannel" for e in events)
-        finally:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
-            await brain.aclose()
+                ignored = await _events(r, sid, "transcript.ignored")
+                assert any(e["reason"] == "backchannel" for e in ignored)
+            assert [e["reply_id"] for e in await _events(r, sid, "avatar.reply")][-1] == "r-t1"

@@ -351,10 +351,10 @@ async def test_the_floor_holds_a_ready_reply_only_while_the_user_has_spoken_agai
 
     floor.reply_begun()
     floor.voice()  # the user's voice came back
-    floor.turn_ended()  # ... and it was the turn being answered after all
+    floor.settled()  # ... and it was the turn being answered after all
     assert await floor.wait()
 
-    for settle, said in ((Floor.release, True), (Floor.drop, False)):
+    for settle, said in ((Floor.settled, True), (Floor.drop, False)):
         floor.reply_begun()
         floor.voice()
         waiting = asyncio.create_task(floor.wait())

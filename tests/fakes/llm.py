@@ -98,8 +98,8 @@ class FakeLlm(ThreadedFake):
         async def events() -> Any:
             first = {"id": "c1", "object": "chat.completion.chunk", "model": model,
                      "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+            await asyncio.sleep(self.first_token_s)  # (the role chunk comes with the first token)
             yield b"data: " + orjson.dumps(first) + b"\n\n"
-            await asyncio.sleep(self.first_token_s)
             for i, token in enumerate(tokens):
                 if cut_after is not None and i >= cut_after:
                     raise RuntimeError("connection cut (scripted)")
