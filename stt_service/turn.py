@@ -8,8 +8,9 @@ turns. Two signals decide instead, at each pause the engine reports (a segment `
   P(complete). It runs on CPU in ~0.1 s on one thread of this executor, off the event loop.
 - **Words**: the transcript so far. A turn that ends on a connective, an article, a filler or a
   phrase that announces more ("I was wondering", "tell me about the") is incomplete whatever the
-  audio says; one that ends in a question mark is complete. Synthetic or flat speech fools the
-  audio model, text rarely lies about a dangling "and".
+  audio says; one that ends in a question mark, or opens as a question ("is it …", "how does …")
+  and ends in a full stop, is complete. Synthetic or flat speech fools the audio model; text
+  rarely lies about a dangling "and".
 
 The verdict is "complete" (answer now) or "incomplete" (wait for more speech, at most
 `turn_max_wait_s`, then answer anyway). When the model is slow (an overloaded worker) or missing,
@@ -72,7 +73,24 @@ _ANNOUNCING = (
     "my question is", "tell me", "can you tell me", "could you tell me", "do you know",
     "the thing is", "what i mean is", "i mean",
 )
+# How a question opens: an auxiliary before its subject ("is it", "can you"), or a question word
+# and an auxiliary ("how does"). A recognizer that transcribes a question's rest alone, after the
+# user paused, writes it as a statement ("Is it possible to? Run it without any keys."): the turn
+# as a whole is still a question, and it is finished.
+_AUXILIARIES = frozenset(
+    "is are was were am do does did can could would will shall should may might must has have had".split()
+)
+_SUBJECTS = frozenset("i you we they it he she there this that".split())
+_QUESTION_WORDS = frozenset("what which who whose how why where when".split())
 _WORD = re.compile(r"[\w']+")
+
+
+def _opens_a_question(words: list[str]) -> bool:
+    if len(words) < 3:
+        return False
+    if words[0] in _AUXILIARIES:
+        return words[1] in _SUBJECTS
+    return words[0] in _QUESTION_WORDS and words[1] in _AUXILIARIES
 
 
 def text_verdict(text: str) -> TextVerdict:
@@ -95,7 +113,7 @@ def text_verdict(text: str) -> TextVerdict:
     if words[-1] in _DANGLING:
         return "incomplete"
     if stripped.endswith((".", "!")):
-        return "weak_complete"
+        return "complete" if _opens_a_question(words) else "weak_complete"
     return "unknown"
 
 

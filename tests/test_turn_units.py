@@ -46,6 +46,12 @@ def settings(**kw) -> Settings:
         ("I need the pricing and,", "incomplete"),
         ("Um", "incomplete"),
         ("That's all, thanks.", "weak_complete"),
+        # The rest of a question said after a pause, which the recognizer wrote on its own
+        ("Is it possible to? Run it without any keys.", "complete"),
+        ("How does it scale.", "complete"),
+        ("It scales on its own.", "weak_complete"),  # a statement: the audio may still say more
+        ("What I mean is.", "incomplete"),
+        ("Is it.", "weak_complete"),  # too short to tell
         ("Redis streams", "unknown"),
         ("", "unknown"),
     ],
@@ -156,6 +162,28 @@ def test_echo_is_the_avatars_own_words_heard_while_it_could_be_heard():
     assert not guard.match("How do I scale each service?", later)
     assert guard.match("speech to text workers", during)  # began while it talked: still echo
     assert not EchoGuard(settings(echo_guard=False)).match("anything", during)
+
+
+def test_the_reply_before_is_echo_only_while_it_can_still_be_heard(monkeypatch: pytest.MonkeyPatch):
+    clock = [1000.0]
+    monkeypatch.setattr("avatar_service.turn_policy.time.time", lambda: clock[0])
+
+    def two_replies(gap_s: float) -> EchoGuard:
+        guard = EchoGuard(settings())
+        guard.reply_started()
+        guard.reply_text("Each worker holds a short lease on the sessions it serves.")
+        clock[0] += 4.0
+        guard.reply_ended()
+        clock[0] += gap_s
+        guard.reply_started()
+        guard.reply_text("Scale each service on its own.")
+        return guard
+
+    guard = two_replies(0.1)  # the next reply began as this one ended: its tail still echoes
+    assert guard.match("a short lease on the sessions", round((clock[0] + 0.2) * 1000))
+    guard = two_replies(2.0)  # quiet for 2 s first: those words are the user's
+    assert not guard.match("a short lease on the sessions", round((clock[0] + 0.2) * 1000))
+    assert guard.match("Scale each service", round((clock[0] + 0.2) * 1000))
 
 
 def test_policy_judges_interims_and_finals():
