@@ -118,6 +118,7 @@ class EchoGuard:
         self.ratio = settings.echo_match
         self.words: list[str] = []  # the current (or last) reply's words, bounded
         self.before: list[str] = []  # the tail of the reply before it
+        self.before_until = 0.0  # unix time that reply ended
         self.audible_from = 0.0  # unix time the current/last reply started
         self.audible_until = 0.0  # unix time it ended; inf while it is being spoken
 
@@ -127,6 +128,7 @@ class EchoGuard:
 
     def reply_started(self) -> None:
         self.before = self.words[-ECHO_TAIL_WORDS:]
+        self.before_until = min(self.audible_until, time.time())  # (cut off unended: it stopped now)
         self.words = []
         self.audible_from = time.time()
         self.audible_until = float("inf")
@@ -153,7 +155,10 @@ class EchoGuard:
             return self.spoken
         at = int((started_at_ms / 1000 - self.audible_from) * SPOKEN_WORDS_PER_S)
         lo = max(0, at - ECHO_WINDOW_BEFORE)
-        return (self.before if lo == 0 else []) + self.words[lo:at + ECHO_WINDOW_AFTER + heard_words]
+        # The reply before this one may still be echoing as this one starts, but not once it has
+        # been quiet for longer than the echo takes to come back.
+        echoing = lo == 0 and started_at_ms / 1000 <= self.before_until + ECHO_DELAY_S
+        return (self.before if echoing else []) + self.words[lo:at + ECHO_WINDOW_AFTER + heard_words]
 
     def match(self, text: str, started_at_ms: int = 0, ratio: float | None = None) -> bool:
         """Whether `text` is echo: more than `ratio` (default `ECHO_MATCH`) of its content words
