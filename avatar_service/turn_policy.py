@@ -239,6 +239,11 @@ def started_at_of(rest: str, text: str, started_at_ms: int) -> int:
     return started_at_ms + round(max(0.0, before / SPOKEN_WORDS_PER_S - ECHO_OVERLAP_S) * 1000)
 
 
+def _asked(text: str) -> bool:
+    """A question of three words or more ("why do I scale it?"), as the recognizer wrote it."""
+    return text.rstrip().endswith("?") and len(words_of(text)) >= 3
+
+
 def _two_content_words(text: str) -> bool:
     return len(content_words(words_of(text))) >= 2
 
@@ -309,6 +314,13 @@ class Loudness:
             return "echo"
         return None
 
+    def at_user_level(self, level_db: float | None) -> bool:
+        """As loud as the user's own speech (once the two levels are apart): far louder than the
+        echo comes back."""
+        if level_db is None or self.gap_db <= 0 or self.user is None or self.echo is None:
+            return False
+        return self.user - self.echo >= self.gap_db and level_db >= self.user - self.MARGIN_DB
+
     def _blend(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.SMOOTHING) * old + self.SMOOTHING * new
 
@@ -329,13 +341,16 @@ class TurnPolicy:
                          echo_checked=echo_checked, level_db=level_db)[0]
 
     def hear(self, text: str, *, avatar_talking: bool, started_at: int = 0, interim: bool = False,
-             echo_checked: bool = False, level_db: float | None = None) -> tuple[Heard, str]:
+             echo_checked: bool = False, level_db: float | None = None,
+             user_heard: bool = False) -> tuple[Heard, str]:
         """The verdict and the words it rests on (`text` less its echo clauses). `interim`: words
         of an utterance still going on, which need `min_words` to count. `echo_checked`: `text`
-        is already what remained after the echo was taken out. `level_db`: how loud it was."""
+        is already what remained after the echo was taken out. `level_db`: how loud it was.
+        `user_heard`: the final of an utterance whose interims were heard as the user's words."""
         if not words_of(text):
             return "nothing", ""
-        rest = text if echo_checked else self._not_echo(text, avatar_talking, started_at, interim, level_db)
+        rest = text if echo_checked else self._not_echo(text, avatar_talking, started_at, interim, level_db,
+                                                        user_heard)
         if not words_of(rest):
             return "echo", ""
         if avatar_talking and self.backchannels.match(rest):
@@ -345,17 +360,22 @@ class TurnPolicy:
         return "words", rest
 
     def _not_echo(self, text: str, avatar_talking: bool, started_at: int, interim: bool,
-                  level_db: float | None) -> str:
+                  level_db: float | None, user_heard: bool = False) -> str:
         """`text` less what is the avatar's echo, by words and, once learnt, by loudness."""
         audible = self.echo.enabled and bool(self.echo.spoken) and self.echo.could_be_echo(started_at)
         by_level = self.loudness.says(level_db) if audible else None
         if level_db is not None:
             if not audible and not avatar_talking:
                 self.loudness.learn_user(level_db)
-            elif by_level != "user" and self.echo.match(text, started_at):
+            elif by_level != "user" and not user_heard and self.echo.match(text, started_at):
                 self.loudness.learn_echo(level_db)  # (the user's voice over it is no echo level)
         if by_level == "echo":
             return ""
+        if by_level is None and user_heard:
+            # Where the level cannot tell, the interims' verdict stands: the user spoke in this
+            # utterance. A recognizer writes the echo in front and the user's words as one clause
+            # ("For speeds and supports for the avatar"), which the words alone call echo.
+            by_level = "user"
         rest = self.echo.residual(text, started_at, self._interim_counts if interim else self._final_counts)
         if by_level != "user" or words_of(rest):
             return rest
@@ -365,9 +385,14 @@ class TurnPolicy:
             tail = self.echo.after_echo(text, started_at)
             return tail if self.backchannels.match(tail) else text
         # A loud final the words call echo: the user's part is what follows the avatar's words. A
-        # final made only of the avatar's words is not answered, however loud.
+        # final made only of the avatar's words is not answered however loud, unless it ends in a
+        # question said as loud as the user speaks: the user asking about what the avatar says
+        # ("Stop, what is avatar stack?" over "avatar-stack is a self-hostable platform ...").
         tail = self.echo.after_echo(text, started_at)
-        return tail if self._final_counts(tail) else ""
+        if self._final_counts(tail):
+            return tail
+        question = clauses(text)[-1]
+        return question if _asked(question) and self.loudness.at_user_level(level_db) else ""
 
     def _interim_counts(self, rest: str) -> bool:
         """An interim's words after the echo count with two content words or a barge-in cue
@@ -379,5 +404,4 @@ class TurnPolicy:
         ("why do I scale it?") or a barge-in cue and more ("Hold on, who are you?"). Not a lone
         "No.", and not the words a recognizer made of a noise heard once the avatar paused
         ("... self-host to be confirmed.")."""
-        asked = rest.rstrip().endswith("?") and len(words_of(rest)) >= 3
-        return _two_content_words(rest) or asked or self.cues.leads(rest)
+        return _two_content_words(rest) or _asked(rest) or self.cues.leads(rest)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -201,10 +202,11 @@ class _Conversation:
         the avatar's echo with the user's question): what is echo is dropped from what is answered."""
         talking = self._talking()
         pieces = turn.segments or [TurnSegment(text=turn.text, started_at=0)]
+        user_heard = self._user_heard_in(turn)
         kept = [s.model_copy(update={"text": rest, "started_at": started_at_of(rest, s.text, s.started_at)})
                 for s in pieces
                 if (rest := self.policy.hear(s.text, avatar_talking=talking, started_at=s.started_at,
-                                             level_db=s.level_db)[1])]
+                                             level_db=self._level_of(s, user_heard), user_heard=user_heard)[1])]
         if not kept:
             verdict = "echo"
         else:
@@ -226,6 +228,21 @@ class _Conversation:
             await self.w.bus.publish_event(self.sid, TranscriptIgnored(utterance_id=turn.turn_id, reason=verdict))
         await self._resume()
         return False
+
+    def _user_heard_in(self, turn: UserTurn) -> bool:
+        """Whether this turn's interims were heard as the user's words over the avatar (they
+        paused it): its final is judged as they were, not as echo for the echo in front of them."""
+        return self.words_began is not None and self.words_began[0] == turn.turn_id
+
+    @staticmethod
+    def _level_of(piece: TurnSegment, user_heard: bool) -> float | None:
+        """How loud a piece of a final was. Interims are judged by the level of their latest audio;
+        a final whose interims were heard as the user's is judged the same way (the louder of that
+        and the whole): the whole piece also holds the echo in front of the user's words, and a user
+        who trails off ("Which providers … does it support for the avatar?") falls to its level."""
+        if not user_heard or piece.recent_level_db is None:
+            return piece.level_db
+        return max(piece.recent_level_db, piece.level_db if piece.level_db is not None else -math.inf)
 
     def _continued_by(self, turn: UserTurn) -> UserTurn | None:
         """The turn being answered, if `turn` is its rest: voice that began at most
@@ -264,10 +281,13 @@ class _Conversation:
                       extra={"sid": self.sid})
         if verdict != "words":
             return
-        # The user began after the echo in front of their words, and about WORDS_LAG_S before their
-        # first words came (a final that lost the echo says neither).
-        began = max(started_at_of(rest, speech.text, speech.started_at), speech.ts - round(WORDS_LAG_S * 1000))
-        if self.words_began is None or self.words_began[0] != speech.utterance_id or began > self.words_began[1]:
+        # The user began after the echo in front of their words, and about WORDS_LAG_S before the
+        # first interim that had them came (a final that lost the echo says neither). A later interim
+        # only moves it by a better view of the echo in front: it came later, not the words.
+        began = started_at_of(rest, speech.text, speech.started_at)
+        if self.words_began is None or self.words_began[0] != speech.utterance_id:
+            self.words_began = (speech.utterance_id, max(began, speech.ts - round(WORDS_LAG_S * 1000)))
+        elif began > self.words_began[1]:
             self.words_began = (speech.utterance_id, began)
         if not self.paused:
             if not await self.avatar.pause():

@@ -231,6 +231,7 @@ class TurnSegment(_Msg):
     text: str
     started_at: int  # unix ms when its first audio reached the STT worker (≈ when it was spoken)
     level_db: float | None = None  # its loudest speech (dBFS): the user near the mic is louder than echo
+    recent_level_db: float | None = None  # ... of its last RECENT_LEVEL_S: who was speaking as it ended
 
 
 class UserTurn(_Msg):

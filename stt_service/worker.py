@@ -256,7 +256,9 @@ class _SttSession:
             ),
         )
         pieces = [TurnSegment(text=r.text, started_at=self.tail.received_at_ms(r.start_s),
-                              level_db=self.tail.level_db(r.start_s, r.end_s)) for r in segments]
+                              level_db=self.tail.level_db(r.start_s, r.end_s),
+                              recent_level_db=self.tail.level_db(max(r.start_s, r.end_s - RECENT_LEVEL_S), r.end_s))
+                  for r in segments]
         await bus.publish_turn(
             self.sid, UserTurn(turn_id=first.utterance_id, text=text, source="voice", segments=pieces)
         )

@@ -439,3 +439,36 @@ async def test_a_ready_reply_waits_for_a_voice_that_came_back_and_goes_on_when_i
                 ignored = await _events(r, sid, "transcript.ignored")
                 assert any(e["reason"] == "backchannel" for e in ignored)
             assert [e["reply_id"] for e in await _events(r, sid, "avatar.reply")][-1] == "r-t1"
+
+
+async def test_the_rest_of_a_question_said_over_the_first_words_of_its_answer_continues_it(
+    llm: FakeLlm, r: aioredis.Redis, clean_redis: str
+) -> None:
+    """"Which providers … does it support for the avatar?": the answer to "Which providers?" has
+    begun when the user goes on. The interims are the user's words (they pause the avatar); the
+    final writes the echo in front of them in the same clause. The final is not dropped as echo,
+    and it continues the question, counted from where the user's words began: the first interim
+    that had them, not each later one."""
+    settings = settings_for(llm, redis_url=clean_redis)
+    worker = AvatarWorker(r, settings, driver=None, brain=LocalBrain(r, settings, LocalResponder()))  # type: ignore[arg-type]
+    sid, _ = await SessionStore(r, Bus(r, settings)).create(SessionConfig())
+    now_ms = int(time.time() * 1000)
+    asked = UserTurn(turn_id="u1", text="Which providers?", source="voice",
+                     segments=[TurnSegment(text="Which providers?", started_at=now_ms - 1500)])
+    conversation = _Conversation(worker, sid, PausingAvatar(), SessionConfig())  # type: ignore[arg-type]
+    conversation.policy.echo.reply_started()
+    conversation.policy.echo.audible_from = now_ms / 1000
+    conversation.policy.echo.reply_text(
+        "For speech to text you can use Deepgram in the cloud, or a local Whisper model that runs on your own "
+        "machine. For the avatar you can use HeyGen or LiveAvatar.")
+    conversation.answering = asked
+    conversation.speaking = asyncio.get_running_loop().create_future()  # the answer is playing
+    for text, ts in (("Does it support?", now_ms + 1500), ("Does it support for the", now_ms + 2300)):
+        await conversation._heard_over_avatar(UserSpeech(utterance_id="u2", text=text, started_at=now_ms + 300,
+                                                         ts=ts))
+    assert conversation.paused
+    rest = UserTurn(turn_id="u2", text="For speeds and supports for the avatar.", source="voice",
+                    segments=[TurnSegment(text="For speeds and supports for the avatar.", started_at=now_ms + 300)])
+    assert await conversation._is_a_turn(rest)
+    assert rest.text == "and supports for the avatar."
+    assert conversation._continued_by(rest) is asked

@@ -282,6 +282,54 @@ def test_loudness_tells_the_user_from_the_echo_once_both_are_known():
     assert close.judge("Tour plus.", avatar_talking=True, started_at=now, level_db=-23.0) == "words"
 
 
+def test_a_final_whose_interims_were_the_users_keeps_its_words_after_the_echo():
+    """"Which providers … does it support for the avatar?": the rest, said over the reply's first
+    words, comes back as one clause with the echo in front of it. The words alone call it a fragment
+    of the avatar's voice; its interims were heard as the user's (they paused the avatar), so the
+    final keeps what follows the avatar's words, as a loud final does."""
+    reply = ("For speech to text you can use Deepgram in the cloud, or a local Whisper model that runs on "
+             "your own machine. For the avatar you can use HeyGen or LiveAvatar.")
+    policy = TurnPolicy(settings(), "en")
+    policy.echo.reply_started()
+    policy.echo.reply_text(reply)
+    now = int(time.time() * 1000)
+    final = {"avatar_talking": True, "started_at": now}
+    heard = "For speeds and supports for the avatar."
+    assert policy.judge(heard, **final) == "echo"
+    assert policy.hear(heard, **final, user_heard=True) == ("words", "and supports for the avatar.")
+    # Only the avatar's words, or one stray word after them, stay echo whatever the interims were.
+    assert policy.hear("For speech to text you can use Deepgram.", **final, user_heard=True)[0] == "echo"
+    assert policy.hear("For speech to text, yes.", **final, user_heard=True)[0] == "echo"
+    # And where the loudness is known and says echo, it is echo.
+    loud = TurnPolicy(settings(), "en")
+    loud.judge("What is avatar stack?", avatar_talking=False, level_db=-11.0)
+    loud.echo.reply_started()
+    loud.echo.reply_text(reply)
+    loud.judge("For speech to text you can use Deepgram", **final, level_db=-22.0)
+    assert loud.hear(heard, **final, level_db=-23.0, user_heard=True)[0] == "echo"
+    assert loud.hear(heard, **final, level_db=-16.5, user_heard=True) == ("words", "and supports for the avatar.")
+
+
+def test_a_question_made_of_the_avatars_words_is_answered_only_at_the_users_own_level():
+    """"Stop, what is avatar stack?" over "avatar-stack is a self-hostable platform …" comes back as
+    "What is avatar stack?": only the avatar's words. Louder than the echo is not enough for that
+    (a loud stretch of echo); as loud as the user speaks, and asked, it is the user's question."""
+    policy = TurnPolicy(settings(), "en")
+    policy.judge("Who are you?", avatar_talking=False, level_db=-11.0)
+    policy.echo.reply_started()
+    policy.echo.reply_text("For speech to text you can use Deepgram in the cloud, or a local Whisper model.")
+    now = int(time.time() * 1000)
+    final = {"avatar_talking": True, "started_at": now}
+    policy.judge("For speech to text you can use Deepgram", **final, level_db=-22.0)  # learns the echo
+    asked = "What is Deepgram in the cloud?"
+    assert policy.hear(asked, **final, level_db=-11.5) == ("words", asked)
+    assert policy.judge(asked, **final, level_db=-15.0) == "echo"  # louder than the echo, not the user's level
+    assert policy.judge("Deepgram in the cloud.", **final, level_db=-11.5) == "echo"  # not asked
+    # With the echo in front of it in the same utterance, the question is what is answered.
+    assert policy.hear("For speech to text you can use, what is Deepgram in the cloud?", **final,
+                       level_db=-11.5) == ("words", "what is Deepgram in the cloud?")
+
+
 def test_audio_tail_level_is_the_loud_part_of_a_range():
     tail = AudioTail()
     quiet = (np.sin(np.arange(16000) / 5) * 0.03 * 32767).astype("<i2").tobytes()  # ~ -33 dBFS
